@@ -1,0 +1,36 @@
+"""The Sphinx extension that hides nbdev directives in the rendered book."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "_ext"))
+from nbdev_directives import clean_notebook  # noqa: E402
+
+
+def cell(src):
+    return {"cell_type": "code", "source": src, "metadata": {}, "outputs": []}
+
+
+def test_directives_become_tags_and_disappear():
+    nb = {"cells": [cell("#| default_exp core"), cell("#| hide\nimport os"), cell("#| export\ndef f(): pass"),
+                    cell(["#| eval: false\n", "train()"]), cell("#| echo: false\nplot()"),
+                    cell("#| output: false\nx = 1"), cell("print(1)"), {"cell_type": "markdown", "source": "#| no"}]}
+    out = clean_notebook(json.loads(json.dumps(nb)))["cells"]
+    assert out[0]["metadata"]["tags"] == ["remove-cell"]
+    assert out[1]["metadata"]["tags"] == ["remove-cell"] and out[1]["source"] == "import os"
+    assert out[2] == cell("def f(): pass")
+    assert out[3]["metadata"]["tags"] == ["skip-execution"] and out[3]["source"] == "train()"
+    assert out[4]["metadata"]["tags"] == ["remove-input"]
+    assert out[5]["metadata"]["tags"] == ["remove-output"]
+    assert out[6] == cell("print(1)")
+    assert out[7]["source"] == "#| no"                       # markdown is left alone
+
+
+def test_no_directive_survives_in_any_chapter():
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        nb = clean_notebook(json.loads(path.read_text()))
+        for c in nb["cells"]:
+            if c["cell_type"] == "code":
+                src = c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+                assert not any(line.startswith("#|") for line in src.splitlines()), path.name
