@@ -1,0 +1,205 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from msopt.train import (CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint,
+                         lm_logits, load_checkpoint, param_groups, save_checkpoint, warmup_cosine)
+
+V, T, B = 16, 12, 8
+
+
+class Bigram(nn.Module):
+    "A small language model with dropout (so resume must restore the RNG) and a 1-D parameter (a norm)."
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, 32)
+        self.norm = nn.LayerNorm(32)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(32, V)
+
+    def forward(self, x):
+        return self.head(self.drop(self.norm(self.emb(x))))
+
+
+def batch(i):
+    "A deterministic batch: next token = (token + 1) mod V, so the loss can fall to ~0."
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randint(0, V, (B, T), generator=g)
+    return x, (x + 1) % V
+
+
+VAL = [batch(-k) for k in range(1, 3)]
+
+
+def loss_fn(model, b):
+    x, y = b
+    return nn.functional.cross_entropy(lm_logits(model(x)).flatten(0, 1), y.flatten())
+
+
+def make(tmp=None, **kw):
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{"steps": 30, "lr": 1e-2, "warmup_steps": 3, "eval_every": 10, "progress": False, **kw})
+    return Trainer(Bigram(), loss_fn, batch, cfg, val_data=VAL, out_dir=tmp)
+
+
+def test_loss_falls():
+    h = make().fit()
+    assert h.val_loss < 0.5 * h.series("val_loss")[1][0]
+    assert h.series("val_loss")[0] == [0, 10, 20, 30]
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_param_groups_decay_only_matrices():
+    m = Bigram()
+    decay, no_decay = param_groups(m, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(m.emb.weight), id(m.head.weight)}
+    assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 3
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(m, 0.1)
+
+
+def test_resume_is_exact(tmp_path):
+    full = make().fit()
+    make(tmp_path, ckpt_every=5).fit(stop_at=17)       # "crashes" after step 17
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000017"
+    resumed = make(tmp_path, ckpt_every=5).fit()        # a fresh process would build the same objects
+    assert resumed.series("train_loss") == full.series("train_loss")
+    assert len(full.series("train_loss")[1]) == 30
+    assert resumed.series("val_loss") == full.series("val_loss")
+
+
+def test_grad_accum_equals_big_batch():
+    def big(i):
+        a, b = batch(2 * i), batch(2 * i + 1)
+        return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
+    torch.manual_seed(0)
+    m1, m2 = Bigram(), Bigram()
+    m2.load_state_dict(m1.state_dict())
+    for m in (m1, m2):
+        m.drop.p = 0.0
+    cfg = dict(steps=3, lr=1e-2, warmup_steps=0, progress=False)
+    Trainer(m1, loss_fn, batch, TrainConfig(grad_accum=2, **cfg)).fit()
+    Trainer(m2, loss_fn, big, TrainConfig(**cfg)).fit()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_loss_raises_with_step_and_stage():
+    def bad(model, b):
+        return loss_fn(model, b) * (float("nan") if trainer.step == 4 else 1.0)
+    trainer = Trainer(Bigram(), bad, batch, TrainConfig(steps=10, progress=False), name="pretrain-clm")
+    with pytest.raises(NonFiniteLossError, match="at step 4 of stage 'pretrain-clm'"):
+        trainer.fit()
+
+
+def test_nonfinite_loss_skip():
+    def bad(model, b):
+        return loss_fn(model, b) * (float("inf") if trainer.step in (2, 3) else 1.0)
+    trainer = Trainer(Bigram(), bad, batch, TrainConfig(steps=8, progress=False, on_nonfinite="skip"))
+    h = trainer.fit()
+    assert trainer.skipped == 2 and math.isfinite(h.rows[-1]["train_loss"])
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    t = make()
+    t.fit(stop_at=3)
+    path = save_checkpoint(tmp_path / "step-1", t.model, t.optimizer, {"k": 1})
+    m = Bigram()
+    assert load_checkpoint(path, m) == {"k": 1}
+    for a, b in zip(m.state_dict().values(), t.model.state_dict().values()):
+        assert torch.equal(a, b)
+    raw = bytearray((path / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
+        load_checkpoint(path, m)
+    with pytest.raises(CheckpointError, match="state.json is missing"):
+        load_checkpoint(tmp_path / "nowhere", m)
+
+
+def test_interrupted_write_leaves_previous_checkpoint(tmp_path):
+    t = make()
+    save_checkpoint(tmp_path / "step-00000001", t.model, t.optimizer, {"step": 1})
+    (tmp_path / ".tmp-step-00000002").mkdir()              # a write that died before its rename
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path), Bigram())["step"] == 1
+
+
+def test_checkpoint_files_are_not_pickle(tmp_path):
+    t = make(tmp_path)
+    t.fit(stop_at=2)
+    ck = latest_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in ck.iterdir()) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                                     "state.json"]
+    json.loads((ck / "state.json").read_text())
+
+
+def test_hf_model_trains():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=T, n_embd=32, n_layer=1, n_head=2))
+    h = Trainer(hf, loss_fn, batch, TrainConfig(steps=25, lr=3e-3, warmup_steps=2, eval_every=25, progress=False),
+                val_data=VAL).fit()
+    assert h.val_loss < h.series("val_loss")[1][0] - 0.5
+
+
+def test_history_plot_and_series():
+    h = History()
+    h.log(step=0, val_loss=3.0)
+    h.log(step=1, train_loss=2.5)
+    h.log(step=1, val_loss=2.0)
+    assert h.series("val_loss") == ([0, 1], [3.0, 2.0]) and len(h.rows) == 2
+    import matplotlib
+    matplotlib.use("Agg")
+    assert h.plot().get_xlabel() == "step"
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "TrainConfig.steps must be a positive int"),
+    (dict(lr=-1.0), "TrainConfig.lr must be a positive number"),
+    (dict(precision="fp8"), "unknown precision 'fp8'"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite must be 'raise' or 'skip'"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_bad_train_data_and_fp16_on_cpu():
+    with pytest.raises(TypeError, match="train_data must be callable"):
+        Trainer(Bigram(), loss_fn, [1, 2, 3])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
+            Trainer(Bigram(), loss_fn, batch, TrainConfig(precision="fp16", device="cpu"))
+
+
+def test_bf16_autocast_on_cpu_trains():
+    h = make(precision="bf16", steps=10).fit()
+    assert math.isfinite(h.val_loss)
+
+
+def test_evaluate_weights_batches_by_size():
+    t = make()
+    x, y = batch(0)
+    short = (x[:2], y[:2])
+    t.val_data = [(x, y), short]
+    t.model.eval()
+    with torch.no_grad():
+        expected = (loss_fn(t.model, (x, y)) * x.numel() + loss_fn(t.model, short) * short[0].numel()) / (
+            x.numel() + short[0].numel())
+    assert t.evaluate() == pytest.approx(expected.item(), rel=1e-6)
+    t.val_data = []
+    with pytest.raises(ValueError, match="val_data yielded no batches"):
+        t.evaluate()
