@@ -15,6 +15,24 @@ import nbformat
 from nbclient import NotebookClient
 
 
+def collapse_streams(nb):
+    """Merge consecutive stream outputs of a cell and apply carriage returns as a terminal would, so a progress bar
+    is stored as its final line rather than as hundreds of fragments."""
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        merged = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = "\n".join(line.rstrip("\r").split("\r")[-1] for line in out.text.split("\n"))
+        cell.outputs = merged
+    return nb
+
+
 def execute(path, profile="tiny", timeout=900, write=False):
     "Execute the notebook at `path` with MSOPT_PROFILE=`profile`; return (notebook, seconds)."
     path = Path(path)
@@ -32,7 +50,7 @@ def execute(path, profile="tiny", timeout=900, write=False):
         else:
             os.environ["MSOPT_PROFILE"] = old
     if write:
-        nbformat.write(nb, path)
+        nbformat.write(collapse_streams(nb), path)
     return nb, seconds
 
 

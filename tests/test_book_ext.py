@@ -34,3 +34,19 @@ def test_no_directive_survives_in_any_chapter():
             if c["cell_type"] == "code":
                 src = c["source"] if isinstance(c["source"], str) else "".join(c["source"])
                 assert not any(line.startswith("#|") for line in src.splitlines()), path.name
+
+
+def test_collapse_streams_keeps_the_final_state_of_a_progress_bar():
+    import nbformat
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from execute_nb import collapse_streams
+    nb = nbformat.v4.new_notebook()
+    c = nbformat.v4.new_code_cell("fit()")
+    c.outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rbar 10%"),
+                 nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%"),
+                 nbformat.v4.new_output("stream", name="stderr", text="\n"),
+                 nbformat.v4.new_output("stream", name="stdout", text="loss 1.0\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("text"), c]
+    out = collapse_streams(nb).cells[1].outputs
+    assert [(o.name, o.text) for o in out] == [("stderr", "bar 100%\n"), ("stdout", "loss 1.0\n")]
+    assert "outputs" not in nb.cells[0]
