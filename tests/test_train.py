@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from msopt.train import (CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint,
-                         lm_logits, load_checkpoint, param_groups, save_checkpoint, warmup_cosine)
+                         lm_logits, load_checkpoint, save_checkpoint)
 
 V, T, B = 16, 12, 8
 
@@ -51,23 +51,17 @@ def test_loss_falls():
     assert h.series("val_loss")[0] == [0, 10, 20, 30]
 
 
-def test_warmup_cosine_values():
-    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
-    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
-
-
-def test_param_groups_decay_only_matrices():
-    m = Bigram()
-    decay, no_decay = param_groups(m, 0.1)
-    assert {id(p) for p in decay["params"]} == {id(m.emb.weight), id(m.head.weight)}
-    assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 3
-    for p in m.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        param_groups(m, 0.1)
+def test_optimizer_and_schedule_by_name():
+    t = make(optimizer="sgd", schedule="constant", warmup_steps=0, steps=5)
+    assert isinstance(t.optimizer, torch.optim.SGD)
+    t.fit()
+    assert [r["lr"] for r in t.history.rows if "lr" in r] == [1e-2] * 5
+    t = make(optimizer="muon", steps=5)
+    assert type(t.optimizer).__name__ == "Muon"
+    assert t.fit().val_loss < t.history.series("val_loss")[1][0]
+    h = make(schedule="cosine", warmup_steps=3, steps=30).fit()
+    lrs = h.series("lr")[1]
+    assert lrs[0] == pytest.approx(1e-2 / 3) and lrs[2] == pytest.approx(1e-2) and lrs[-1] < 2e-3
 
 
 def test_resume_is_exact(tmp_path):
@@ -171,6 +165,8 @@ def test_history_plot_and_series():
     (dict(lr=-1.0), "TrainConfig.lr must be a positive number"),
     (dict(precision="fp8"), "unknown precision 'fp8'"),
     (dict(on_nonfinite="ignore"), "on_nonfinite must be 'raise' or 'skip'"),
+    (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'"),
+    (dict(schedule="exp"), "unknown schedule 'exp'"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
