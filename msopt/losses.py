@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['token_nll', 'clm_loss', 'perplexity', 'l2_penalty', 'unigram_baseline']
+__all__ = ['token_nll', 'clm_loss', 'mtp_loss', 'perplexity', 'l2_penalty', 'unigram_baseline']
 
 # %% ../nbs/01_foundations.ipynb #9b18a22f
 def _check_targets(logits: Tensor, targets: Tensor, ignore_index: int, weights: Tensor | None = None) -> None:
@@ -71,6 +71,26 @@ def clm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100, weights:
         return nll.sum() / counted.sum()
     w = weights.to(nll.dtype) * counted                                          # (B, T)
     return (w * nll).sum() / w.sum()
+
+
+def mtp_loss(logits: list[Tensor] | tuple[Tensor, ...], targets: Tensor, ignore_index: int = -100,
+             weights: list[float] | None = None) -> Tensor:
+    """Multi-token prediction loss (chapter 14): `logits[j]` (B, T, V) predicts the token j + 1 places ahead.
+
+    `targets` (B, T) are the next-token targets, so head j at position t is scored against `targets[:, t + j]`;
+    the last j positions of head j have no target and are left out. Returns the `weights`-weighted mean of the
+    per-head `clm_loss`es (equal weights by default); with one head it is `clm_loss`."""
+    if not logits:
+        raise ValueError("mtp_loss needs at least one head's logits, got an empty list")
+    T = targets.shape[1]
+    if len(logits) > T:
+        raise ValueError(f"{len(logits)} heads need sequences longer than {len(logits) - 1} tokens, got T={T}: "
+                         "use fewer heads or longer blocks")
+    weights = [1.0] * len(logits) if weights is None else list(weights)
+    if len(weights) != len(logits):
+        raise ValueError(f"got {len(weights)} weights for {len(logits)} heads: give one weight per head")
+    losses = [clm_loss(lg[:, : T - j], targets[:, j:], ignore_index) for j, lg in enumerate(logits)]
+    return sum(w * l for w, l in zip(weights, losses)) / sum(weights)
 
 # %% ../nbs/01_foundations.ipynb #41343058
 def perplexity(loss: float | Tensor) -> float:

@@ -13,7 +13,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -291,13 +291,17 @@ class Trainer:
     """Train `model` by minimizing `loss_fn(model, batch)` over `train_data`, the loop every stage of msopt uses.
 
     `train_data(i)` or `train_data.batch(i)` gives micro-batch `i`; `val_data` is an iterable of batches (or None).
-    With `out_dir`, checkpoints go to `out_dir/ckpt` and `fit()` resumes from the latest one."""
+    With `out_dir`, checkpoints go to `out_dir/ckpt` and `fit()` resumes from the latest one. Each of `callbacks` is
+    called as `callback(trainer)` before every optimizer step; it must depend only on `trainer.step` (and state it
+    derives from it) so that a resumed run makes the same calls, e.g. unfreezing a layer group at a given step."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], train_data,
                  config: TrainConfig | None = None, val_data: Iterable | None = None,
                  out_dir: str | os.PathLike | None = None, name: str = "train",
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 callbacks: Sequence[Callable[[Trainer], None]] = ()):
         self.config = c = config or TrainConfig()
+        self.callbacks = list(callbacks)
         if not callable(train_data) and not hasattr(train_data, "batch"):
             raise TypeError(f"train_data must be callable as train_data(i) or have .batch(i), "
                             f"got {type(train_data).__name__}")
@@ -413,6 +417,8 @@ class Trainer:
                    mininterval=1.0, dynamic_ncols=True)
         postfix = {}
         while self.step < end:
+            for callback in self.callbacks:
+                callback(self)
             lr = self._set_lr()
             loss, norm = self._train_step()
             self.step += 1

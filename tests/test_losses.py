@@ -266,3 +266,23 @@ def test_unigram_baseline_bad_inputs():
         unigram_baseline(ok, ok, 3, alpha=-1.0)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         unigram_baseline(ok, ok, 3, alpha=float("nan"))
+
+
+def test_mtp_loss_heads_are_shifted_clm_losses():
+    from msopt.losses import mtp_loss
+    torch.manual_seed(0)
+    B, T, V = 2, 7, 11
+    targets = torch.randint(0, V, (B, T))
+    heads = [torch.randn(B, T, V) for _ in range(3)]
+    assert torch.allclose(mtp_loss(heads[:1], targets), clm_loss(heads[0], targets))
+    by_hand = [F.cross_entropy(h[:, : T - j].reshape(-1, V), targets[:, j:].reshape(-1)) for j, h in enumerate(heads)]
+    assert torch.allclose(mtp_loss(heads, targets), sum(by_hand) / 3)
+    assert torch.allclose(mtp_loss(heads, targets, weights=[1, 0, 0]), by_hand[0])
+
+
+def test_mtp_loss_bad_input():
+    from msopt.losses import mtp_loss
+    with pytest.raises(ValueError, match="at least one head"):
+        mtp_loss([], torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="one weight per head"):
+        mtp_loss([torch.randn(1, 4, 5)] * 2, torch.zeros(1, 4, dtype=torch.long), weights=[1.0])

@@ -199,3 +199,29 @@ def test_evaluate_weights_batches_by_size():
     t.val_data = []
     with pytest.raises(ValueError, match="val_data yielded no batches"):
         t.evaluate()
+
+
+def test_callbacks_run_before_every_step_and_after_resume(tmp_path):
+    "A step-driven callback (freeze the embedding until step 10) makes the same calls in a resumed run."
+    def freeze_until_10(trainer):
+        trainer.model.emb.weight.requires_grad_(trainer.step >= 10)
+
+    def run(tmp=None, stop_at=None):
+        torch.manual_seed(0)
+        model = Bigram()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        seen = []
+        t = Trainer(model, loss_fn, batch, TrainConfig(steps=20, warmup_steps=0, progress=False, ckpt_every=5),
+                    out_dir=tmp, optimizer=opt, callbacks=[freeze_until_10, lambda tr: seen.append(tr.step)])
+        w0 = model.emb.weight.detach().clone()
+        t.fit(stop_at=stop_at)
+        return t, seen, w0
+
+    t, seen, w0 = run()
+    assert seen == list(range(20))
+    full = t.history.series("train_loss")
+    t2, _, _ = run(tmp_path, stop_at=7)
+    assert torch.equal(t2.model.emb.weight, w0)                  # frozen before step 10
+    t3, seen3, _ = run(tmp_path)
+    assert seen3 == list(range(7, 20))
+    assert t3.history.series("train_loss") == full
