@@ -21,6 +21,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .core import get_device, read_json, write_json
+from .gpu import (DISTRIBUTED, DistInfo, data_parallel, distribute_like, full_tensor, init_distributed, is_sharded,
+                       mean_over_ranks, no_sync, resolve_distributed, shard_batch)
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto falls back to text bars without widgets
@@ -29,8 +31,9 @@ from tqdm.auto import tqdm  # noqa: E402
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TrainConfig', 'History', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint',
-           'NonFiniteLossError', 'lm_logits', 'to_device', 'autocast', 'resolve_precision', 'Trainer']
+__all__ = ['PRECISIONS', 'TrainConfig', 'History', 'CheckpointError', 'full_state', 'save_checkpoint', 'load_checkpoint',
+           'latest_checkpoint', 'NonFiniteLossError', 'lm_logits', 'to_device', 'autocast', 'resolve_precision',
+           'Trainer']
 
 # %% ../nbs/05_training.ipynb #c4978abe
 @dataclass
@@ -56,6 +59,7 @@ class TrainConfig:
     on_nonfinite: str = "raise"     # raise | skip: what to do with a NaN or infinite loss
     progress: bool = True           # show a progress bar
     device: str | None = None       # None: cuda, then mps, then cpu
+    distributed: str = "auto"       # auto | ddp | fsdp | none: data parallelism under torchrun (chapter 15)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "eval_every", "log_every", "keep_ckpts"):
@@ -75,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"unknown distributed mode {self.distributed!r}: use one of {', '.join(DISTRIBUTED)}")
         if self.ckpt_every is not None and self.ckpt_every < 1:
             raise ValueError(f"ckpt_every must be None or a positive int, got {self.ckpt_every!r}")
         self.betas = tuple(self.betas)
@@ -180,20 +186,43 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    state: dict | None = None, scaler: torch.amp.GradScaler | None = None) -> Path:
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """The whole weights of `model` (each shared tensor once, under the name safetensors keeps) and the optimizer's
+    state_dict, on the CPU, gathered from FSDP shards: a collective, so every rank must call it."""
+    params = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in params.items():
+        groups.setdefault(id(t), []).append(name)
+    weights = {sorted(names)[0]: full_tensor(params[names[0]]).detach().cpu().contiguous() for names in groups.values()}
+    if optimizer is None:
+        return weights, None
+    state = optimizer.state_dict()
+    state["state"] = {pid: {k: full_tensor(v).detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for pid, s in sorted(state["state"].items())}
+    return weights, state
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module | dict,
+                    optimizer: torch.optim.Optimizer | dict | None = None, state: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write model, optimizer, scaler, RNG states and `state` (JSON-able) to `directory`, atomically.
 
-    Files: model.safetensors, optimizer.safetensors, rng.safetensors, state.json (with a SHA-256 manifest)."""
+    `model` and `optimizer` may also be the state dicts of `full_state` (a sharded run gathers them on every rank, then
+    rank 0 writes). Files: model.safetensors, optimizer.safetensors, rng.safetensors, state.json (with a SHA-256
+    manifest)."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if isinstance(model, nn.Module):
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file(model, str(tmp / "model.safetensors"))
     meta = {"state": state or {}}
     if optimizer is not None:
-        tensors, meta["optimizer"] = _optimizer_to_flat(optimizer.state_dict())
+        optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        tensors, meta["optimizer"] = _optimizer_to_flat(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, meta["rng"] = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -224,18 +253,47 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         path = directory / name
         if not path.is_file() or _sha256(path) != digest:
             raise CheckpointError(f"checkpoint {directory} is corrupted: {name} does not match its checksum")
-    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    sharded = is_sharded(model)
+    if sharded:
+        missing, unexpected = _load_sharded(model, load_file(str(directory / "model.safetensors")))
+    else:
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {directory} does not fit this model: missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]}")
     if optimizer is not None and "optimizer" in meta:
         tensors = load_file(str(directory / "optimizer.safetensors"))
-        optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer"]))
+        optimizer_state = _optimizer_from_flat(tensors, meta["optimizer"])
+        if sharded:                                   # every rank read the whole state: keep this rank's shard
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            optimizer_state["state"] = {
+                pid: {k: distribute_like(v, params[pid]) if torch.is_tensor(v) and v.shape == params[pid].shape else v
+                      for k, v in s.items()} for pid, s in optimizer_state["state"].items()}
+        optimizer.load_state_dict(optimizer_state)
     if scaler is not None and "scaler" in meta:
         scaler.load_state_dict(meta["scaler"])
     if restore_rng:
         _set_rng_state(load_file(str(directory / "rng.safetensors")), meta["rng"])
     return meta["state"]
+
+
+def _load_sharded(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    "Load whole tensors into an FSDP-sharded `model`, each rank keeping its shard; returns (missing, unexpected)."
+    params = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in params.items():
+        groups.setdefault(id(t), []).append(name)
+    state, missing = {}, []
+    for names in groups.values():
+        found = [n for n in sorted(names) if n in tensors]
+        if not found:
+            missing += names
+            continue
+        for n in names:
+            state[n] = distribute_like(tensors[found[0]], params[n])
+    if not missing:
+        model.load_state_dict(state)
+    return missing, sorted(set(tensors) - set(params))
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -293,7 +351,11 @@ class Trainer:
     `train_data(i)` or `train_data.batch(i)` gives micro-batch `i`; `val_data` is an iterable of batches (or None).
     With `out_dir`, checkpoints go to `out_dir/ckpt` and `fit()` resumes from the latest one. Each of `callbacks` is
     called as `callback(trainer)` before every optimizer step; it must depend only on `trainer.step` (and state it
-    derives from it) so that a resumed run makes the same calls, e.g. unfreezing a layer group at a given step."""
+    derives from it) so that a resumed run makes the same calls, e.g. unfreezing a layer group at a given step.
+
+    Started by `torchrun` with several processes, it trains data-parallel (`config.distributed`: DDP by default, or
+    FSDP): micro-batch `i` is the global batch, of which each rank takes its share of rows; rank 0 shows progress
+    and writes the checkpoints, in the single-process format (chapter 15)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], train_data,
                  config: TrainConfig | None = None, val_data: Iterable | None = None,
@@ -306,12 +368,20 @@ class Trainer:
             raise TypeError(f"train_data must be callable as train_data(i) or have .batch(i), "
                             f"got {type(train_data).__name__}")
         self.device = get_device(c.device)
+        self.parallel = resolve_distributed(c.distributed)       # ddp | fsdp | none
+        if self.parallel == "fsdp" and optimizer is not None:
+            raise ValueError("distributed='fsdp' shards the parameters after the optimizer was built: leave optimizer=None "
+                             "and choose it with TrainConfig.optimizer, or use distributed='ddp'")
+        self.dist = init_distributed(self.device.type) if self.parallel != "none" else DistInfo()
+        if self.parallel != "none" and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(c.precision, self.device)
         self.model = model.to(self.device)
+        self.net = data_parallel(self.model, self.parallel, self.device)   # what loss_fn gets while training
         self.loss_fn, self.val_data, self.name = loss_fn, val_data, name
         self._batch = train_data.batch if hasattr(train_data, "batch") else train_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = optimizer or build_optimizer(model, c.optimizer, c.lr, c.weight_decay, c.betas)
+        self.optimizer = optimizer or build_optimizer(self.model, c.optimizer, c.lr, c.weight_decay, c.betas)
         self.schedule = build_schedule(c.schedule, c.steps, min(c.warmup_steps, c.steps), c.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -351,10 +421,19 @@ class Trainer:
             return None
         state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "name": self.name,
                  "config": asdict(self.config), "history": self.history.rows}
-        path = save_checkpoint(self.ckpt_dir / f"step-{self.step:08d}", self.model, self.optimizer, state, self.scaler)
-        for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.config.keep_ckpts]:
-            shutil.rmtree(old)
+        model, optimizer = (full_state(self.model, self.optimizer) if is_sharded(self.model)   # every rank gathers
+                            else (self.model, self.optimizer))
+        path = self.ckpt_dir / f"step-{self.step:08d}"
+        if self.dist.main:
+            save_checkpoint(path, model, optimizer, state, self.scaler)
+            for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.config.keep_ckpts]:
+                shutil.rmtree(old)
+        self._barrier()
         return path
+
+    def _barrier(self) -> None:
+        if self.parallel != "none":
+            torch.distributed.barrier()
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         "Load the latest checkpoint (or `path`); returns whether one was found."
@@ -363,6 +442,8 @@ class Trainer:
             return False
         state = load_checkpoint(path, self.model, self.optimizer, self.scaler)
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
+        if self.dist.rank > 0:                        # the checkpoint holds rank 0's generators: give this rank its own
+            torch.manual_seed(self.config.seed + self.dist.rank + 100_003 * self.step)
         self.history = History(state["history"])
         return True
 
@@ -379,23 +460,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(c.grad_accum):
-            batch = to_device(self._batch(self.step * c.grad_accum + micro), self.device)
-            with autocast(self.precision, self.device):
-                loss = self.loss_fn(self.model, batch)
-            if not torch.isfinite(loss):
-                if c.on_nonfinite == "raise":
-                    raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.step} of stage "
-                                             f"'{self.name}': lower the learning rate, use bf16/fp32, or clip gradients")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped += 1
-                return float("nan"), None
-            self.scaler.scale(loss / c.grad_accum).backward()
-            total += loss.item() / c.grad_accum
-            self.tokens += _n_tokens(batch)
+            batch = self._batch(self.step * c.grad_accum + micro)
+            if self.parallel != "none":                   # the global batch i: this rank's share of its rows
+                batch = shard_batch(batch, self.dist.rank, self.dist.world_size)
+            batch = to_device(batch, self.device)
+            with no_sync(self.net, micro < c.grad_accum - 1):    # communicate gradients on the last micro-batch only
+                with autocast(self.precision, self.device):
+                    loss = self.loss_fn(self.net, batch)
+                value = loss.item()
+                if self.parallel != "none":               # the global batch's loss; non-finite if any rank's is
+                    value = mean_over_ranks(value, self.device)
+                if not math.isfinite(value):
+                    if c.on_nonfinite == "raise":
+                        raise NonFiniteLossError(f"non-finite loss {value} at step {self.step} of stage '{self.name}': "
+                                                 f"lower the learning rate, use bf16/fp32, or clip gradients")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped += 1
+                    return float("nan"), None
+                self.scaler.scale(loss / c.grad_accum).backward()
+            total += value / c.grad_accum
+            self.tokens += _n_tokens(batch) * self.dist.world_size
         self.scaler.unscale_(self.optimizer)
         norm = None
         if c.clip_norm is not None:
-            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm))
+            norm = float(full_tensor(nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total, norm
@@ -407,13 +495,13 @@ class Trainer:
         the same batches, with the same random draws, as an uninterrupted one."""
         c = self.config
         if not (resume and self.resume()):
-            torch.manual_seed(c.seed)
+            torch.manual_seed(c.seed + self.dist.rank)
         end = c.steps if stop_at is None else min(c.steps, stop_at)
         self.model.train()
         start_time = time.perf_counter() - (self.history.rows[-1]["time"] if self.history.rows else 0.0)
         if self.step == 0 and self.val_data is not None:
             self.history.log(step=0, val_loss=self.evaluate(), time=0.0, tokens=0)
-        bar = tqdm(total=end, initial=self.step, desc=self.name, disable=not c.progress or self.step >= end,
+        bar = tqdm(total=end, initial=self.step, desc=self.name, disable=not c.progress or self.step >= end or not self.dist.main,
                    mininterval=1.0, dynamic_ncols=True)
         postfix = {}
         while self.step < end:
