@@ -77,6 +77,43 @@ def test_pipeline_resumes_an_interrupted_stage(tmp_path, monkeypatch):
     assert resumed.histories[0].series("train_loss") == full.histories[0].series("train_loss")
 
 
+def test_pipeline_interrupted_in_stage_2_resumes_at_stage_2(tmp_path, monkeypatch):
+    "A crash inside the second stage: the rerun loads stage 1 and resumes stage 2 from its checkpoint, exactly."
+    from msopt.train import Trainer
+
+    def stages():
+        second = Pretrain("clm", **{**KW, "lr": 1e-3, "steps": 30, "ckpt_every": 10})
+        second.name = "pretrain-clm-2"
+        return [Pretrain("clm", **KW), second]
+
+    full = Pipeline(stages(), tmp_path / "a").run(model())
+    step = Trainer._train_step
+
+    def crash_in_stage_2(self):
+        if self.name == "pretrain-clm-2" and self.step == 25:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_in_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(stages(), tmp_path / "b").run(model())
+    monkeypatch.undo()
+    assert (tmp_path / "b" / "00-pretrain-clm" / "report.json").exists()
+    assert not (tmp_path / "b" / "01-pretrain-clm-2" / "report.json").exists()
+    resumed = Pipeline(stages(), tmp_path / "b").run(model(seed=5))
+    assert [r["skipped"] for r in resumed.rows] == [True, False]
+    assert resumed.histories[1].series("train_loss") == full.histories[1].series("train_loss")
+    assert resumed.rows[1]["val_loss"] == full.rows[1]["val_loss"]
+
+
+def test_report_table_lists_every_number():
+    rows = [{"stage": "a", "steps": 3, "val_loss": 1.5, "time_s": 0.1, "skipped": False},
+            {"stage": "b", "steps": 2, "accuracy": 0.75, "confusion": [[1]], "time_s": 0.2, "skipped": True}]
+    table = Report(rows, []).table().splitlines()
+    assert table[0] == "| stage | steps | val_loss | accuracy | time_s | skipped |"
+    assert table[3] == "| b | 2 |  | 0.75 | 0.2 | True |"
+
+
 def test_hf_model_through_a_stage(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -100,3 +137,90 @@ def test_bad_input():
     with pytest.raises(TypeError, match="pipeline stages must be Stages"):
         Pipeline([object()], "x")
     assert issubclass(Pretrain, Stage)
+
+
+# -- masked LM ---------------------------------------------------------------------------------------------------------
+from msopt.models import Encoder  # noqa: E402
+from msopt.stages import MLMBatchLoss, mask_tokens, mlm_loss, word_start_table, word_starts  # noqa: E402
+
+
+def test_mask_tokens_rates_and_specials():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 50, (128, 128), generator=g)
+    x[:, 0] = 0
+    inp, lab = mask_tokens(x, 2, 50, generator=g, special_ids=[0])
+    chosen = lab != -100
+    assert not chosen[:, 0].any() and chosen.sum(1).min() >= 1
+    assert abs(chosen.float().mean() - 0.15 * 127 / 128) < 0.01
+    assert torch.equal(lab[chosen], x[chosen]) and torch.equal(inp[~chosen], x[~chosen])
+    masked = (inp[chosen] == 2).float().mean()
+    kept = (inp[chosen] == x[chosen]).float().mean()
+    assert abs(masked - 0.8) < 0.02 and 0.08 < kept < 0.13          # 10 % kept, plus random ids that hit the same id
+
+
+def test_mask_tokens_whole_words_and_priority():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(3, 50, (64, 100), generator=g)
+    starts = torch.zeros(64, 100, dtype=torch.bool)
+    starts[:, ::4] = True                                            # words of exactly 4 tokens
+    _, lab = mask_tokens(x, 2, 50, generator=g, word_starts=starts)
+    per_word = (lab != -100).view(64, 25, 4)
+    assert (per_word.all(-1) | ~per_word.any(-1)).all()             # a word is chosen whole or not at all
+    key = torch.zeros(64, 100)
+    key[:, :10] = 1
+    _, lab = mask_tokens(x, 2, 50, generator=g, priority=1 + 4 * key)
+    chosen = (lab != -100).float()
+    assert chosen[:, :10].mean() > 3 * chosen[:, 10:].mean()
+    assert abs(chosen.mean() - 0.15) < 0.02
+
+
+def test_mask_tokens_bad_input():
+    with pytest.raises(ValueError, match="outside"):
+        mask_tokens(torch.zeros(2, 5, dtype=torch.long), 2, 10, prob=1.5)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        mask_tokens(torch.zeros(5, dtype=torch.long), 2, 10)
+
+
+def test_word_start_table():
+    from msopt.data import train_tokenizer
+    tok = train_tokenizer(["to be or not to be, that is the question"] * 20, vocab_size=300)
+    table = word_start_table(tok)
+    enc = tok.encode("to be or not\nto be")
+    starts = word_starts(torch.tensor([enc.ids]), table)[0]
+    words = [enc.tokens[i] for i in range(len(enc.ids)) if starts[i]]
+    assert words == ["to", "Ġbe", "Ġor", "Ġnot", "Ċ", "to", "Ġbe"] and table.shape == (2, tok.get_vocab_size())
+
+
+def test_pretrain_mlm_trains_an_encoder(tmp_path):
+    "Runs of one repeated token: a masked token is the one its unmasked neighbours show, from either side."
+    runs = lambda n, seed: np.repeat(np.random.default_rng(seed).integers(3, V, n // 8), 8).astype(np.uint16)
+    torch.manual_seed(0)
+    enc = Encoder(GPTConfig.tiny(V, n_layer=1, n_embd=32, n_head=2, block_size=16))
+    kw = {**KW, "train": runs(4000, 0), "val": runs(600, 1), "steps": 150, "batch_size": 16, "lr": 1e-2}
+    report, history = Pretrain("mlm", mask_id=2, **kw).run(enc, tmp_path)
+    assert report["val_loss"] < history.series("val_loss")[1][0] - 0.5
+    loss = MLMBatchLoss(2, V)
+    enc.eval()
+    batch = (torch.as_tensor(VAL[:32].astype(np.int64)).view(2, 16),)
+    assert float(loss(enc, batch)) == float(loss(enc, batch))       # validation masks are deterministic
+
+
+def test_pretrain_mlm_and_mtp_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="bidirectional"):
+        Pretrain("mlm", **KW).run(model(), tmp_path)
+    with pytest.raises(ValueError, match="n_mtp=2"):
+        Pretrain("clm", mtp=2, **KW).run(model(), tmp_path)
+    with pytest.raises(ValueError, match="mtp=1"):
+        Pretrain("mlm", mtp=1, **KW)
+    with pytest.raises(ValueError, match="tokenizer="):
+        Pretrain("mlm", whole_word=True, **KW)
+    with pytest.raises(ValueError, match="mask_prob"):
+        Pretrain("mlm", mask_prob=0.0, **KW)
+
+
+def test_mlm_loss_ignores_unlabelled_positions():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3] = 4, 6
+    expect = torch.nn.functional.cross_entropy(torch.stack([logits[0, 1], logits[1, 3]]), torch.tensor([4, 6]))
+    assert torch.allclose(mlm_loss(logits, labels), expect)

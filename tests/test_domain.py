@@ -1,0 +1,267 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msopt.data import Blocks, RandomBlocks, train_tokenizer
+from msopt.losses import clm_loss
+from msopt.models import GPT, Encoder, GPTConfig
+from msopt.pipeline import Pipeline
+from msopt.stages import (DomainAdapt, MLMBatchLoss, PriorityMLMBatchLoss, TermBlocks, key_terms, term_losses,
+                          term_token_mask, token_bytes, weighted_clm_batch_loss)
+
+GENERAL = ["the cat sat on the mat and the dog sat on the log. " * 20,
+           "a cat and a dog ran to the mat; the dog ran. " * 20,
+           "the bird sang and the cat slept on the warm mat. " * 20]
+DOMAIN = ["the king of england rode to france with his lords; the king spoke. " * 20,
+          "the lords of france met the king; england and france made war, the king said. " * 20]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(GENERAL + DOMAIN, vocab_size=300)
+
+
+def test_key_terms_log_odds_and_tfidf():
+    for method in ("log-odds", "tfidf"):
+        terms = key_terms(DOMAIN, GENERAL, k=4, method=method)
+        assert len(terms) == 4 and set(terms) <= {"king", "lords", "france", "england", "of", "war", "made", "met",
+                                                  "rode", "spoke", "said", "with", "his"}
+        assert "king" in terms and "cat" not in terms
+    assert key_terms(DOMAIN, GENERAL, k=3) == key_terms(DOMAIN, GENERAL, k=3)            # deterministic
+
+
+def test_key_terms_log_odds_formula():
+    "The z-score ranking equals a direct evaluation of Monroe et al.'s formula."
+    dom, gen = ["a a a b b c d d d d"] * 2, ["a b b b c c c c d"] * 2
+    counts_d, counts_g = {"a": 6, "b": 4, "c": 2, "d": 8}, {"a": 2, "b": 6, "c": 8, "d": 2}
+    nd, ng = 20, 18
+    z = {}
+    for w in "abcd":
+        alpha = (nd + ng) * (counts_d[w] + counts_g[w]) / (nd + ng)
+        delta = (np.log((counts_d[w] + alpha) / (nd + nd + ng - counts_d[w] - alpha))
+                 - np.log((counts_g[w] + alpha) / (ng + nd + ng - counts_g[w] - alpha)))
+        z[w] = delta / np.sqrt(1 / (counts_d[w] + alpha) + 1 / (counts_g[w] + alpha))
+    assert key_terms(dom, gen, k=4, min_count=1) == sorted(z, key=lambda w: -z[w])
+
+
+def test_key_terms_bad_input():
+    with pytest.raises(ValueError, match="unknown method 'bm25'"):
+        key_terms(DOMAIN, GENERAL, method="bm25")
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        key_terms(DOMAIN, GENERAL, k=0)
+    with pytest.raises(ValueError, match="needs domain and general documents"):
+        key_terms([], GENERAL)
+    with pytest.raises(ValueError, match="lower min_count"):
+        key_terms(DOMAIN, GENERAL, min_count=10**6)
+    with pytest.raises(TypeError, match="Documents or strings"):
+        key_terms([1, 2], GENERAL)
+
+
+def test_token_bytes_round_trip(tok):
+    table = token_bytes(tok)
+    assert len(table) == tok.get_vocab_size() and table[0] == b"\x00"               # a special token
+    text = "Bolingbroke, ça va? The king's men."
+    ids = tok.encode(text).ids
+    assert b"".join(table[i] for i in ids).decode("utf-8") == text
+
+
+def test_token_bytes_hf_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    assert token_bytes(hf)[3:] == token_bytes(tok)[3:]
+    ids = np.array(tok.encode("the king of england").ids)
+    assert np.array_equal(term_token_mask(ids, hf, ["king"]), term_token_mask(ids, tok, ["king"]))
+
+
+def test_term_token_mask_words_and_pieces(tok):
+    text = "KING. Bolingbroke the king's kingdom; England!"
+    enc = tok.encode(text)
+    mask = term_token_mask(enc.ids, tok, ["king", "bolingbroke", "england"])
+    assert mask.dtype == bool and mask.shape == (len(enc.ids),)
+    covered = "".join(text[s:e] for (s, e), m in zip(enc.offsets, mask) if m)
+    for word in ("KING", "Bolingbroke", "king", "England"):
+        assert word in covered
+    assert "dom" not in covered and "the" not in covered and "!" not in covered
+    case = term_token_mask(enc.ids, tok, ["king"], case_sensitive=True)
+    assert "KING" not in "".join(text[s:e] for (s, e), m in zip(enc.offsets, case) if m)
+    enc = tok.encode("the king of england")
+    two_words = term_token_mask(enc.ids, tok, ["king of england"])
+    assert "".join(enc.tokens[i] for i in np.flatnonzero(two_words)) == "ĠkingĠofĠengland"
+    assert not any(two_words[: enc.tokens.index("Ġking")])
+    assert term_token_mask(torch.tensor(enc.ids), tok, ["king"]).tolist() == \
+        term_token_mask(np.array(enc.ids, dtype=np.uint16), tok, ["king"]).tolist()
+
+
+def test_term_token_mask_bad_input(tok):
+    with pytest.raises(ValueError, match="terms is empty"):
+        term_token_mask([5, 6], tok, [])
+    with pytest.raises(ValueError, match="not a non-empty string"):
+        term_token_mask([5, 6], tok, ["king", " "])
+    with pytest.raises(ValueError, match="encode with the same tokenizer"):
+        term_token_mask([5, 10**5], tok, ["king"])
+    with pytest.raises(TypeError, match="tokenizers.Tokenizer or a transformers tokenizer"):
+        term_token_mask([5, 6], object(), ["king"])
+
+
+def test_term_blocks_match_random_blocks():
+    ids = np.arange(500, dtype=np.uint16) % 97
+    weights = (np.arange(500) % 5 == 0) * 2.0 + 1.0
+    data = TermBlocks(ids, weights, seq_len=8, batch_size=3, seed=4)
+    x, y, w = data.batch(11)
+    rx, ry = RandomBlocks(ids, 8, 3, seed=4).batch(11)
+    assert torch.equal(x, rx) and torch.equal(y, ry) and w.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(data(11), data.batch(11)))          # a pure function of i
+    pos = data.positions.batch(11)[1]
+    assert torch.equal(w, torch.from_numpy(weights.astype(np.float32))[pos])
+    with pytest.raises(ValueError, match="one weight per token"):
+        TermBlocks(ids, weights[:-1], 8, 3)
+    px = data.positions.batch(11)[0]
+    assert torch.equal(TermBlocks(ids, weights, 8, 3, seed=4, at="inputs").batch(11)[2],
+                       torch.from_numpy(weights.astype(np.float32))[px])
+    with pytest.raises(ValueError, match="use 'targets'"):
+        TermBlocks(ids, weights, 8, 3, at="outputs")
+
+
+def test_priority_mlm_batch_loss_masks_key_terms_more_often():
+    torch.manual_seed(0)
+    x = torch.randint(3, 50, (64, 32))
+    priority = torch.ones(64, 32)
+    priority[:, ::4] = 9.0                                                            # a quarter of the tokens
+    model = Encoder(GPTConfig.tiny(50, n_layer=1, n_embd=16, n_head=2, block_size=32))
+    loss = PriorityMLMBatchLoss(mask_id=2, vocab_size=50)
+    seen = []
+    real_forward = model.forward
+    model.forward = lambda idx, *a: seen.append(idx) or real_forward(idx, *a)
+    assert torch.isfinite(loss(model.train(), (x, x, priority)))
+    masked = seen[-1] == 2
+    share = masked[:, ::4].sum() / masked.sum()
+    assert share > 0.6                                                                # 9 * 1/4 / (9/4 + 3/4) = 0.75
+    model.eval()
+    assert loss(model, (x, x, priority)) == MLMBatchLoss(2, 50)(model, (x, x))       # evaluation: uniform masks
+
+
+def test_weighted_clm_batch_loss():
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    w = torch.rand(2, 5) + 0.5
+    model = lambda x: logits
+    assert torch.isclose(weighted_clm_batch_loss(model, (y, y, w)), clm_loss(logits, y, weights=w))
+    assert torch.isclose(weighted_clm_batch_loss(model, (y, y)), clm_loss(logits, y))
+
+
+def test_term_losses_split_all_and_terms():
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 32, 400).astype(np.uint16)
+    mask = np.random.default_rng(1).random(400) < 0.3
+    model = GPT(GPTConfig.tiny(32, n_layer=1, n_embd=16, n_head=2, block_size=16))
+    r = term_losses(model, ids, mask, seq_len=16, batch_size=4)
+    both = term_losses(model, ids, np.ones(400, bool), seq_len=16, batch_size=4)
+    assert r["tokens"] == (399 // 16) * 16 and 0 < r["term_tokens"] < r["tokens"]
+    assert both["term_loss"] == pytest.approx(both["loss"]) and r["loss"] == pytest.approx(both["loss"])
+    assert r["ppl"] == pytest.approx(np.exp(r["loss"])) and r["term_ppl"] == pytest.approx(np.exp(r["term_loss"]))
+    assert term_losses(model, ids, np.zeros(400, bool), 16)["term_loss"] is None
+    with pytest.raises(ValueError, match="must have the shape of ids"):
+        term_losses(model, ids, mask[:10], 16)
+
+
+def _data(tok):
+    text = " ".join(DOMAIN * 3)
+    ids = np.array(tok.encode(text).ids, dtype=np.uint16)
+    return ids[: len(ids) * 4 // 5], ids[len(ids) * 4 // 5:]
+
+
+def _model(tok, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.tiny(tok.get_vocab_size(), n_layer=1, n_embd=32, n_head=2, block_size=16))
+
+
+KW = dict(seq_len=16, batch_size=8, steps=30, lr=3e-3, warmup_steps=3, eval_every=15, eval_batches=4, progress=False)
+
+
+def test_domain_adapt_reports_before_and_after(tok, tmp_path):
+    train, val = _data(tok)
+    stage = DomainAdapt(train, val, keywords=["king", "france"], tokenizer=tok, term_weight=3.0, **KW)
+    assert stage.name == "domain-adapt" and stage.train_mask.any() and stage.val_mask.any()
+    json.dumps(stage.describe())
+    report, history = stage.run(_model(tok), tmp_path)
+    assert report["val_loss"] < report["val_loss_before"] - 0.5
+    assert report["term_loss"] < report["term_loss_before"]
+    assert report["term_ppl"] == pytest.approx(np.exp(report["term_loss"]))
+    assert report["steps"] == 30 and report["val_term_tokens"] > 0
+    json.dumps(report)
+
+
+def test_domain_adapt_weights_change_training(tok, tmp_path):
+    train, val = _data(tok)
+    m1, m3 = _model(tok), _model(tok)
+    DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=1.0, **{**KW, "steps": 5}).run(m1, tmp_path / "a")
+    DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=5.0, **{**KW, "steps": 5}).run(m3, tmp_path / "b")
+    m0 = _model(tok)
+    DomainAdapt(train, val, **{**KW, "steps": 5}).run(m0, tmp_path / "c")            # keywords=None: plain
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+
+
+def test_domain_adapt_resumes_exactly_and_keeps_before(tok, tmp_path):
+    train, val = _data(tok)
+    full = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, **KW)
+    ref, _ = full.run(_model(tok), tmp_path / "ref")
+    stage = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, **{**KW, "ckpt_every": 10})
+    import msopt.stages as st
+    real_fit = st.Trainer.fit
+    st.Trainer.fit = lambda self, resume=True, stop_at=None: real_fit(self, resume, stop_at=12)
+    try:
+        stage.run(_model(tok), tmp_path / "cut")
+    finally:
+        st.Trainer.fit = real_fit
+    report, _ = stage.run(_model(tok, seed=9), tmp_path / "cut")
+    for key in ("val_loss", "term_loss", "term_loss_before", "val_loss_before"):
+        assert report[key] == pytest.approx(ref[key], rel=1e-5), key
+
+
+def test_domain_adapt_mlm(tok, tmp_path):
+    train, val = _data(tok)
+    torch.manual_seed(0)
+    encoder = Encoder(GPTConfig.tiny(tok.get_vocab_size(), n_layer=1, n_embd=32, n_head=2, block_size=16))
+    stage = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, objective="mlm", **KW)
+    assert stage.name == "domain-adapt-mlm" and stage.describe()["mask_prob"] == 0.15
+    report, history = stage.run(encoder, tmp_path)
+    assert report["val_loss"] < report["val_loss_before"] and report["term_loss"] < report["term_loss_before"]
+    mlm = MLMBatchLoss(2, tok.get_vocab_size())
+    half = np.arange(len(val)) % 2 == 0
+    r = term_losses(encoder, val, half, 16, 8, max_batches=1, mlm=mlm)                 # the masks of the evaluation
+    first = next(iter(Blocks(val, 16, 8)))
+    with torch.no_grad():
+        assert r["loss"] == pytest.approx(mlm(encoder.eval(), first).item(), rel=1e-5)
+    assert 0 < r["term_tokens"] < r["tokens"] < 16 * 8
+    with pytest.raises(ValueError, match="needs a bidirectional model"):
+        stage.run(_model(tok), None)
+
+
+def test_domain_adapt_in_a_pipeline(tok, tmp_path):
+    train, val = _data(tok)
+    rep = Pipeline([DomainAdapt(train, val, keywords=["king"], tokenizer=tok, **KW)], tmp_path).run(_model(tok))
+    assert rep.rows[0]["stage"] == "domain-adapt" and "term_ppl" in rep.rows[0]
+
+
+def test_domain_adapt_bad_input(tok):
+    train, val = _data(tok)
+    with pytest.raises(ValueError, match=r"keywords is empty but term_weight=3\.0") as e:
+        DomainAdapt(train, val, keywords=[], tokenizer=tok)
+    assert "\n" not in str(e.value)
+    DomainAdapt(train, val, keywords=[], tokenizer=tok, term_weight=1.0)              # empty + weight 1: plain
+    with pytest.raises(ValueError, match="unknown objective 'seq2seq'"):
+        DomainAdapt(train, val, objective="seq2seq")
+    for w in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=w)
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        DomainAdapt(train, val, keywords=["king"])
+    with pytest.raises(ValueError, match="mask_prob=0 is outside"):
+        DomainAdapt(train, val, objective="mlm", mask_prob=0)
+    with pytest.raises(ValueError, match="needs train= token ids"):
+        DomainAdapt(np.array([], dtype=np.uint16), val)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        DomainAdapt(train, val, **{**KW, "seq_len": 32}).run(_model(tok), None)
