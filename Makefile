@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install export check-export test pytest book render clean
+.PHONY: install export check-export test pytest wheel-check book render clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,15 +31,21 @@ check-export: export
 	  echo "msopt/ differs from what nbs/ exports; run nbdev_export and commit:"; git status --porcelain -- msopt; exit 1; \
 	else echo "msopt/ matches the notebooks"; fi
 
+# two workers with one thread each: the small models of the tests keep two cores busier this way than one process
+# with two threads
 pytest: install
-	MSOPT_PROFILE=tiny $(BIN)/pytest -q
+	MSOPT_PROFILE=tiny OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2
 
 # render the committed outputs (no execution); warnings are errors
 render: install
 	sed 's/^\(\s*execute_notebooks:\).*/\1 "off"/' _config.yml > _config_render.yml
 	$(BIN)/jupyter-book build . --config _config_render.yml -W -n --keep-going
 
-test: check-export pytest render
+# the wheel installs with its runtime dependencies only and imports offline, without nbdev or Jupyter
+wheel-check: install
+	scripts/check_wheel.sh $(PY)
+
+test: check-export pytest wheel-check render
 
 # execute every chapter in the current profile (cached by jupyter-cache) and render
 book: install

@@ -8,16 +8,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from execute_nb import execute  # noqa: E402
 
-from conftest import NOTEBOOK_TIMES  # noqa: E402
-
 NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
 BUDGET_S = 90  # each chapter's budget in the tiny profile on a 2-core CPU
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_tiny_profile(path, tmp_path, monkeypatch):
+def test_notebook_runs_in_tiny_profile(path, tmp_path, monkeypatch, record_property):
     monkeypatch.setenv("MSOPT_RUNS", str(tmp_path / "runs"))
     _, seconds = execute(path, profile="tiny", timeout=600)
-    NOTEBOOK_TIMES[path.stem] = seconds
+    record_property("chapter_wall_s", seconds)
     if seconds > 1.5 * BUDGET_S:
         pytest.fail(f"{path.stem} took {seconds:.0f} s in the tiny profile, far over its {BUDGET_S} s budget")
