@@ -467,4 +467,5 @@ d = { 'settings': { 'branch': 'main',
                              'msopt.train.load_checkpoint': ('training.html#load_checkpoint', 'msopt/train.py'),
                              'msopt.train.resolve_precision': ('training.html#resolve_precision', 'msopt/train.py'),
                              'msopt.train.save_checkpoint': ('training.html#save_checkpoint', 'msopt/train.py'),
-                             'msopt.train.to_device': ('training.html#to_device', 'msopt/train.py')}}}
+                             'msopt.train.to_device': ('training.html#to_device', 'msopt/train.py'),
+                             'msopt.train.to_model_device': ('training.html#to_model_device', 'msopt/train.py')}}}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .models import GPT
-from .train import lm_logits
+from .train import lm_logits, to_model_device
 
 REDUCTIONS = ("sum", "mean")
 
@@ -146,8 +146,8 @@ class PromptData:
 
 def prompt_loss(model: nn.Module, batch, reduce: str = "sum") -> torch.Tensor:
     "Cross-entropy of the true label under the softmax of the verbalizer scores of a `PromptData` batch."
-    *choices, labels = batch
-    return nn.functional.cross_entropy(choice_scores(model, *choices, reduce=reduce), labels.to(choices[0].device))
+    *choices, labels = to_model_device(model, batch)
+    return nn.functional.cross_entropy(choice_scores(model, *choices, reduce=reduce), labels)
 
 
 @torch.no_grad()

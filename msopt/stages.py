@@ -14,7 +14,7 @@ from torch import nn
 
 from .data import Blocks, RandomBlocks
 from .losses import clm_loss, mtp_loss, perplexity
-from .train import History, TrainConfig, Trainer, lm_logits
+from .train import History, TrainConfig, Trainer, lm_logits, to_model_device
 
 OBJECTIVES = ("clm", "mlm")
 
@@ -142,7 +142,7 @@ def word_starts(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/06_pretraining.ipynb #3ad9e1ea
 def clm_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Causal-LM loss of a batch `(x, y)`: cross-entropy of the logits at every position against the next token."
-    x, y = batch
+    x, y = to_model_device(model, batch)
     return clm_loss(lm_logits(model(x)), y)
 
 
@@ -154,7 +154,7 @@ class MLMBatchLoss:
         self.start_table = start_table
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
-        x = batch[0]
+        x = to_model_device(model, batch[0])
         generator = None
         if not model.training:                       # the same masks at every evaluation: a seed from the batch itself
             generator = torch.Generator(x.device).manual_seed(int(x.sum()) * 31 + x.numel())
@@ -170,9 +170,9 @@ class MTPBatchLoss:
         self.k = k
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
         if not model.training:
             return clm_batch_loss(model, batch)
+        x, y = to_model_device(model, batch)
         return mtp_loss(model(x, mtp=True)[: self.k + 1], y)
 
 
@@ -400,7 +400,7 @@ class TermBlocks:
 
 def weighted_clm_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Causal-LM loss of a batch (x, y) or (x, y, w): with w (B, T), the w-weighted mean of the token losses."
-    x, y, *w = batch
+    x, y, *w = to_model_device(model, batch)
     return clm_loss(lm_logits(model(x)), y, weights=w[0] if w else None)
 
 
@@ -411,7 +411,7 @@ class PriorityMLMBatchLoss(MLMBatchLoss):
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
         if len(batch) < 3 or not model.training:
             return super().__call__(model, batch[:2])
-        x, _, priority = batch
+        x, _, priority = to_model_device(model, batch)
         inputs, labels = mask_tokens(x, self.mask_id, self.vocab_size, self.prob, priority=priority,
                                      special_ids=self.special_ids)
         return mlm_loss(lm_logits(model(inputs)), labels)
@@ -557,7 +557,7 @@ from .data import Document, load_corpus
 from .losses import clm_loss
 from .metrics import accuracy, confusion_matrix, f1_score
 from .models import LSTMLM, check_ids, count_params
-from .train import History, TrainConfig, Trainer, lm_logits
+from .train import History, TrainConfig, Trainer, lm_logits, to_model_device
 
 TASKS = ("classify", "sft")
 POOLS = ("last", "mean", "first")
@@ -793,7 +793,7 @@ class TensorBatches:
 
 def classify_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Cross-entropy of a classifier's logits on a batch `(ids, attention_mask, labels)`."
-    ids, mask, labels = batch
+    ids, mask, labels = to_model_device(model, batch)
     return F.cross_entropy(model(ids, mask), labels)
 
 
@@ -874,7 +874,7 @@ def encode_sft(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int = 128,
 
 def sft_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Next-token cross-entropy of a batch `(x, y)` over the answer tokens only (y = -100 elsewhere)."
-    x, y = batch
+    x, y = to_model_device(model, batch)
     return clm_loss(lm_logits(model(x)), y)
 
 

@@ -32,8 +32,8 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'TrainConfig', 'History', 'CheckpointError', 'full_state', 'save_checkpoint', 'load_checkpoint',
-           'latest_checkpoint', 'NonFiniteLossError', 'lm_logits', 'to_device', 'autocast', 'resolve_precision',
-           'Trainer']
+           'latest_checkpoint', 'NonFiniteLossError', 'lm_logits', 'to_device', 'to_model_device', 'autocast',
+           'resolve_precision', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #c4978abe
 @dataclass
@@ -321,6 +321,13 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def to_model_device(model: nn.Module, batch):
+    """`batch` moved to the device of `model`'s parameters (as `to_device`): the batch losses call it, so that they
+    take a CPU batch for a model that trained on a GPU. Unchanged for a model without parameters (or a plain function)."""
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return batch if param is None else to_device(batch, param.device)
 
 
 def _n_tokens(batch) -> int:

@@ -147,10 +147,10 @@ def unfreezing_run(out_dir=None, stop_at=None, steps=8):
 def test_gradual_unfreezing_schedule_and_training():
     m0 = gpt(tie=False)
     m, _ = unfreezing_run(stop_at=2)                             # steps 0, 1: only the head group trained
-    changed = {n for n, p in m.named_parameters() if not torch.equal(p, dict(m0.named_parameters())[n])}
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p.cpu(), dict(m0.named_parameters())[n])}
     assert changed == {"transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"}
     m, trainer = unfreezing_run(steps=10)                        # from step 8 on, all 5 groups train
-    assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), m0.parameters()))
+    assert all(not torch.equal(p.cpu(), q) for p, q in zip(m.parameters(), m0.parameters()))
     cb = trainer.callbacks[0]
     assert [cb.n_trainable(s) for s in range(0, 12, 2)] == [1, 2, 3, 4, 5, 5]
 
@@ -276,7 +276,7 @@ def test_lora_training_moves_only_adapters():
     history = Trainer(m, copy_loss, Copy(), cfg).fit()
     losses = history.series("train_loss")[1]
     assert np.mean(losses[-5:]) < losses[0] - 0.5
-    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    assert all(torch.equal(p.cpu(), frozen[n].cpu()) for n, p in m.named_parameters() if n in frozen)
 
 
 def test_remove_lora():

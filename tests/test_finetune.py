@@ -196,7 +196,7 @@ def test_finetune_freeze_and_user_frozen(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stage = FineTune("classify", train=toy_task(), batch_size=8, steps=3, freeze=True, progress=False)
     report, _ = stage.run(model, tmp_path / "probe")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())                 # restored after the stage
     assert report["trainable_params"] == 32 * 2 + 2
     model.transformer.wte.weight.requires_grad_(False)                      # the user freezes the embedding
@@ -204,7 +204,7 @@ def test_finetune_freeze_and_user_frozen(tmp_path):
     FineTune("classify", train=toy_task(), batch_size=8, steps=3, progress=False).run(model, tmp_path / "user")
     assert torch.equal(wte, model.transformer.wte.weight)
     assert not torch.equal(before["transformer.blocks.0.mlp.up_proj.weight"],
-                           model.transformer.blocks[0].mlp.up_proj.weight)
+                           model.transformer.blocks[0].mlp.up_proj.weight.cpu())
 
 
 def test_finetune_param_groups_and_callbacks(tmp_path):
@@ -218,7 +218,7 @@ def test_finetune_param_groups_and_callbacks(tmp_path):
                      callbacks=[lambda trainer: steps_seen.append(trainer.step)], progress=False)
     stage.run(model, tmp_path)
     assert steps_seen == [0, 1, 2]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
 
 
 def test_finetune_lstm_and_minilm_backbones(tmp_path, minilm, task, tok):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from msopt.train import (CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint,
-                         lm_logits, load_checkpoint, save_checkpoint)
+                         lm_logits, load_checkpoint, save_checkpoint, to_model_device)
 
 V, T, B = 16, 12, 8
 
@@ -35,7 +35,7 @@ VAL = [batch(-k) for k in range(1, 3)]
 
 
 def loss_fn(model, b):
-    x, y = b
+    x, y = to_model_device(model, b)
     return nn.functional.cross_entropy(lm_logits(model(x)).flatten(0, 1), y.flatten())
 
 
@@ -113,7 +113,7 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     m = Bigram()
     assert load_checkpoint(path, m) == {"k": 1}
     for a, b in zip(m.state_dict().values(), t.model.state_dict().values()):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b.cpu())
     raw = bytearray((path / "model.safetensors").read_bytes())
     raw[-1] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(raw))
@@ -225,3 +225,16 @@ def test_callbacks_run_before_every_step_and_after_resume(tmp_path):
     t3, seen3, _ = run(tmp_path)
     assert seen3 == list(range(7, 20))
     assert t3.history.series("train_loss") == full
+
+
+def test_to_model_device_follows_the_parameters():
+    class NoParams(nn.Module):
+        def forward(self, x):
+            return x
+    x, y = batch(0)
+    assert to_model_device(NoParams(), (x, y)) == (x, y) and to_model_device(lambda x: x, (x, y)) == (x, y)
+    moved = to_model_device(Bigram().to(torch.float64), {"x": x, "pair": [y]})
+    assert moved["x"].device == x.device and torch.equal(moved["pair"][0], y)
+    if torch.cuda.is_available():
+        gx, gy = to_model_device(Bigram().cuda(), (x, y))
+        assert gx.is_cuda and gy.is_cuda
