@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import check_int
+from .train import Callback
+
 # %% auto #0
 __all__ = ['freeze', 'unfreeze', 'trainable_parameters', 'layer_groups', 'discriminative_param_groups', 'GradualUnfreezing',
            'LoRALinear', 'add_lora', 'merge_lora', 'unmerge_lora', 'remove_lora', 'drop_blocks']
@@ -125,14 +128,13 @@ def discriminative_param_groups(model: nn.Module, lr: float, decay: float = 2.6,
     return out[::-1]
 
 # %% ../nbs/09_transfer.ipynb #efd305dc
-class GradualUnfreezing:
+class GradualUnfreezing(Callback):
     """A `Trainer` callback: before step `s`, the top `1 + s // every` layer groups are trainable, the rest frozen.
 
     `groups` is `layer_groups(model)` (or a list of parameter lists, from the input up)."""
 
     def __init__(self, groups: dict[str, list[nn.Parameter]] | Sequence[Sequence[nn.Parameter]], every: int):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int (steps between unfreezing two groups), got {every!r}")
+        check_int(every, "every (steps between unfreezing two groups)")
         self.groups = [list(g) for g in (groups.values() if isinstance(groups, dict) else groups)]
         if not self.groups:
             raise ValueError("GradualUnfreezing needs at least one layer group: pass layer_groups(model)")
@@ -142,7 +144,7 @@ class GradualUnfreezing:
         "How many groups, counted from the top, train at `step`."
         return min(len(self.groups), 1 + step // self.every)
 
-    def __call__(self, trainer) -> None:
+    def on_step_begin(self, trainer) -> None:
         "Set `requires_grad` of every group for `trainer.step`."
         first = len(self.groups) - self.n_trainable(trainer.step)
         for i, params in enumerate(self.groups):

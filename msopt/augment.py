@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .core import eval_mode
+
 METHODS = ("delete", "swap", "insert", "synonym")
 STOPWORDS = frozenset("""
 a an the and or but if of at by for with about against between into through during before after above below to from
@@ -239,7 +241,6 @@ def with_token_noise(loss_fn: Callable, p: float, vocab_size: int, special_ids: 
     return noisy_loss
 
 # %% ../nbs/10_augmentation.ipynb #ebfc64d1
-@torch.no_grad()
 def pseudo_label(classifier: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, threshold: float = 0.9,
                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pseudo-labels for the unlabelled passages `ids` (N, T): returns (indices, labels, confidences) of the passages
@@ -247,12 +248,10 @@ def pseudo_label(classifier: nn.Module, ids: torch.Tensor, attention_mask: torch
     _check_rate(threshold, "threshold")
     if ids.dim() != 2 or ids.shape != attention_mask.shape:
         raise ValueError(f"ids {tuple(ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (N, T)")
-    was_training = classifier.training
-    classifier.eval()
     device = next(classifier.parameters()).device
-    probs = torch.cat([classifier(ids[i:i + batch_size].to(device), attention_mask[i:i + batch_size].to(device))
-                       .float().softmax(-1).cpu() for i in range(0, len(ids), batch_size)])          # (N, K)
-    classifier.train(was_training)
+    with eval_mode(classifier):
+        probs = torch.cat([classifier(ids[i:i + batch_size].to(device), attention_mask[i:i + batch_size].to(device))
+                           .float().softmax(-1).cpu() for i in range(0, len(ids), batch_size)])      # (N, K)
     confidence, labels = probs.max(-1)                                                         # (N,), (N,)
     keep = (confidence >= threshold).nonzero().squeeze(1)
     return keep, labels[keep], confidence[keep]

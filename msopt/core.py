@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ PROFILES = ("tiny", "small", "full")
 
 # %% auto #0
 __all__ = ['PROFILES', 'profile', 'pick', 'seed_everything', 'get_device', 'run_dir', 'write_json', 'read_json', 'environment',
-           'Stopwatch']
+           'load_average', 'Stopwatch', 'check_int', 'check_choice', 'lm_logits', 'to_device', 'to_model_device',
+           'model_mode', 'eval_mode']
 
 # %% ../nbs/00_intro.ipynb #ee08b787
 def profile() -> str:
@@ -102,12 +104,87 @@ def environment() -> dict:
             "profile": profile(), "threads": torch.get_num_threads()}
 
 
+def load_average() -> float | None:
+    "The machine's load average over the last minute (None where the system does not report it)."
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 class Stopwatch:
-    "Wall time since creation; `summary()` gives the closing line of a chapter."
-    def __init__(self): self.start = time.perf_counter()
+    """Wall time since creation, and the load average at that moment; `summary()` gives the closing line of a chapter.
+    A load above the number of cores at the start means other jobs shared the machine and the times are not the
+    chapter's own."""
+
+    def __init__(self):
+        self.start, self.load = time.perf_counter(), load_average()
+
     @property
-    def elapsed(self) -> float: return time.perf_counter() - self.start
+    def elapsed(self) -> float:
+        "Seconds since the stopwatch was created."
+        return time.perf_counter() - self.start
+
     def summary(self) -> str:
+        "Device, torch version, profile, load average at the start and wall time, on one line."
         env = environment()
+        load = "n/a" if self.load is None else f"{self.load:.2f}"
         return (f"device {env['device']} | torch {env['torch']} | profile {env['profile']} | "
-                f"wall time {self.elapsed:.1f} s")
+                f"load average at start {load} | wall time {self.elapsed:.1f} s")
+
+# %% ../nbs/00_intro.ipynb #a1a3e25e
+def check_int(value, name: str, minimum: int = 1) -> int:
+    "`value` as an int if it is an integer (not a bool) >= `minimum`; else a one-line ValueError that names it."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def check_choice(value, name: str, choices) -> str:
+    "`value` if it is one of `choices`; else a one-line ValueError that lists them."
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def lm_logits(output) -> torch.Tensor:
+    "Logits from a model's output: a tensor (msopt models) or an object with `.logits` (Hugging Face models)."
+    return output if torch.is_tensor(output) else output.logits
+
+
+def to_device(batch, device: torch.device):
+    "`batch` (a tensor, or a tuple / list / dict of them, nested) moved to `device`; anything else unchanged."
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def to_model_device(model, batch):
+    """`batch` moved to the device of `model`'s parameters: a loss can take a CPU batch for a model on a GPU.
+    Unchanged for a model without parameters (or a plain function)."""
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return batch if param is None else to_device(batch, param.device)
+
+
+@contextmanager
+def model_mode(model, training: bool):
+    "Run the block with `model` in train (`training=True`) or eval mode; every submodule's own mode comes back after."
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+@contextmanager
+def eval_mode(model):
+    "Eval mode and no gradients for the block (`model_mode(model, False)` under `torch.no_grad`)."
+    with model_mode(model, False), torch.no_grad():
+        yield model

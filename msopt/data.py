@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .core import read_json, write_json
+from .core import check_choice, check_int, read_json, write_json
 
-GENRES: tuple = ("comedy", "tragedy", "history", "poem")
-CORPORA = {"shakespeare": "shakespeare.json.xz"}  # corpus name -> file in msopt/assets
+GENRES: tuple = ("comedy", "tragedy", "history", "poem")  # Shakespeare's genres (the First Folio's, and the poems)
+CORPORA = {"shakespeare": "shakespeare.json.xz",          # corpus name -> file in msopt/assets
+           "general": "general.json.xz"}                  # Austen's novels and the English Bible: general prose
 
 
 @lru_cache(maxsize=None)
@@ -47,8 +48,9 @@ def corpus_card(name: str = "shakespeare") -> dict:
 
 # %% auto #0
 __all__ = ['GENRES', 'CORPORA', 'SPECIAL_TOKENS', 'corpus_card', 'Document', 'load_corpus', 'clean_text', 'sample_documents',
-           'split_documents', 'BPE', 'train_tokenizer', 'load_tokenizer', 'encode_documents', 'save_tokens',
-           'load_tokens', 'pack', 'RandomBlocks', 'Blocks', 'to_hf_dataset', 'from_hf_dataset']
+           'split_documents', 'BPE', 'train_tokenizer', 'load_tokenizer', 'TokenizerAdapter', 'as_tokenizer',
+           'encode_documents', 'save_tokens', 'load_tokens', 'pack', 'RandomBlocks', 'Blocks', 'epoch_rows',
+           'TensorBatches', 'to_hf_dataset', 'from_hf_dataset']
 
 # %% ../nbs/03_data.ipynb #f1c841ee
 @dataclass
@@ -81,13 +83,14 @@ def load_corpus(name: str = "shakespeare", genres: Sequence[str] | None = None,
                 works: Sequence[str] | None = None, clean: bool = True) -> list[Document]:
     "The documents of the bundled corpus `name`, optionally only some `genres` or `works` (ids), cleaned if `clean`."
     data = _read_asset(name)
-    genres = _selection(genres, GENRES, "genre")
+    present = {w["genre"] for w in data["works"]}
+    genres = _selection(genres, sorted(present, key=lambda g: (GENRES.index(g) if g in GENRES else 9, g)), "genre")
     works = _selection(works, [w["id"] for w in data["works"]], "work id")
     texts = _cleaned(name) if clean else [w["text"] for w in data["works"]]
     docs = [Document(w["id"], w["title"], w["genre"], text) for w, text in zip(data["works"], texts)
             if (genres is None or w["genre"] in genres) and (works is None or w["id"] in works)]
     if not docs:
-        raise ValueError(f"empty corpus: no work of {name!r} has a genre in {sorted(genres or GENRES)} "
+        raise ValueError(f"empty corpus: no work of {name!r} has a genre in {sorted(genres or ['any'])} "
                          f"and an id in {sorted(works) if works is not None else 'all ids'}; widen the selection")
     return docs
 
@@ -311,20 +314,123 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer file at {path}: save one with tok.save(path)")
     return Tokenizer.from_file(str(path))
 
+# %% ../nbs/03_data.ipynb #cb5f6179
+def _byte_decoder() -> dict[str, int]:
+    "GPT-2's byte-level alphabet backwards: the printable character standing for each byte -> the byte."
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+class TokenizerAdapter:
+    """One interface over a `tokenizers.Tokenizer` and a Hugging Face tokenizer (`raw`): encoding with or without
+    special tokens, decoding, the pad / end-of-text / mask ids, the special ids, and the bytes of each token."""
+
+    def __init__(self, tokenizer):
+        if not isinstance(tokenizer, Tokenizer) and not (callable(tokenizer) and hasattr(tokenizer, "pad_token_id")):
+            raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face tokenizer, got "
+                            f"{type(tokenizer).__name__}")
+        self.raw, self.is_hf = tokenizer, not isinstance(tokenizer, Tokenizer)
+        self._bytes: list[bytes] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        "The number of token ids, added tokens included."
+        return len(self.raw) if self.is_hf else self.raw.get_vocab_size()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        "The ids of `text`, with the tokenizer's special tokens (e.g. BERT's [CLS] and [SEP]) if `special`."
+        return self.encode_batch([text], special)[0]
+
+    def encode_batch(self, texts: Sequence[str], special: bool = False, max_length: int | None = None) -> list[list[int]]:
+        "The ids of each text, cut to `max_length` (a Hugging Face tokenizer keeps its closing special token)."
+        if self.is_hf:
+            return self.raw(list(texts), add_special_tokens=special, truncation=max_length is not None,
+                            max_length=max_length)["input_ids"]
+        return [e.ids[:max_length] for e in self.raw.encode_batch(list(texts), add_special_tokens=special)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        "The text of `ids`."
+        return self.raw.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token: str) -> int | None:
+        "The id of the token `token`, or None if the vocabulary lacks it."
+        if not self.is_hf:
+            return self.raw.token_to_id(token)
+        i = self.raw.convert_tokens_to_ids(token)
+        return None if i is None or i == self.raw.unk_token_id else int(i)
+
+    @property
+    def eos_id(self) -> int | None:
+        "The id that ends a text: `<|endoftext|>` of the book's tokenizers, `eos_token_id` of a Hugging Face one."
+        return self.raw.eos_token_id if self.is_hf else self.token_id("<|endoftext|>")
+
+    @property
+    def pad_id(self) -> int:
+        "The id that pads: the pad token, else the end-of-text token, else 0."
+        pad = self.raw.pad_token_id if self.is_hf else self.token_id("<|pad|>")
+        return next((i for i in (pad, self.eos_id) if i is not None), 0)
+
+    @property
+    def mask_id(self) -> int | None:
+        "The id that masks a token for masked-LM training (`<|mask|>` or `mask_token_id`), None without one."
+        return getattr(self.raw, "mask_token_id", None) if self.is_hf else self.token_id("<|mask|>")
+
+    @property
+    def special_ids(self) -> list[int]:
+        "The ids of the special tokens (never masked, never counted as words)."
+        if self.is_hf:
+            return sorted(set(self.raw.all_special_ids) | set(getattr(self.raw, "added_tokens_decoder", {})))
+        return sorted(self.raw.get_added_tokens_decoder())
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, for byte-level BPE (GPT-2, Llama 3, SmolLM2, the book's own); special
+        tokens are b'\\x00', so that no word runs across them."""
+        if self._bytes is None:
+            pieces = (self.raw.convert_ids_to_tokens(list(range(self.vocab_size))) if self.is_hf
+                      else [self.raw.id_to_token(i) for i in range(self.vocab_size)])
+            decoder, special = _byte_decoder(), set(self.special_ids)
+            table = []
+            for i, piece in enumerate(pieces):
+                if i in special or piece is None:
+                    table.append(b"\x00")
+                elif all(ch in decoder for ch in piece):
+                    table.append(bytes(decoder[ch] for ch in piece))
+                else:
+                    raise TypeError(f"token {i} ({piece!r}) is not byte-level BPE: use a byte-level tokenizer "
+                                    "(GPT-2, Llama 3, SmolLM2 or msopt.data.train_tokenizer)")
+            self._bytes = table
+        return self._bytes
+
+
+def as_tokenizer(tokenizer) -> TokenizerAdapter:
+    "`tokenizer` (a `tokenizers.Tokenizer`, a Hugging Face tokenizer, or an adapter) as a `TokenizerAdapter`."
+    return tokenizer if isinstance(tokenizer, TokenizerAdapter) else TokenizerAdapter(tokenizer)
+
 # %% ../nbs/03_data.ipynb #6e581290
-def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document | str], eos: str = "<|endoftext|>") -> np.ndarray:
-    """The token ids of `docs` concatenated, with the id of `eos` after each document; uint16 when the vocabulary has
-    fewer than 65536 tokens, else uint32."""
+def encode_documents(tokenizer, docs: Sequence[Document | str], eos: str | None = None) -> np.ndarray:
+    """The token ids of `docs` concatenated, with the end-of-text id after each document (the tokenizer's own, or
+    the token `eos`); uint16 when the vocabulary has fewer than 65536 tokens, else uint32. `tokenizer`: a
+    `tokenizers.Tokenizer` or a Hugging Face tokenizer."""
+    tok = as_tokenizer(tokenizer)
     texts = [_text_of(d) for d in docs]
     if not texts:
         raise ValueError("empty corpus: encode_documents got no documents")
-    eos_id = tokenizer.token_to_id(eos)
+    eos_id = tok.eos_id if eos is None else tok.token_id(eos)
     if eos_id is None:
-        raise ValueError(f"end-of-document token {eos!r} is not in the tokenizer's vocabulary: "
+        raise ValueError(f"end-of-document token {eos or '(eos)'!r} is not in the tokenizer's vocabulary: "
                          "train it with that special token or pass eos=")
-    dtype = np.uint16 if tokenizer.get_vocab_size() < 2**16 else np.uint32
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    return np.concatenate([np.array(e.ids + [eos_id], dtype=dtype) for e in encodings])
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    return np.concatenate([np.array(ids + [eos_id], dtype=dtype) for ids in tok.encode_batch(texts)])
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -380,17 +486,10 @@ def load_tokens(path: str | os.PathLike) -> np.memmap:
 # %% ../nbs/03_data.ipynb #d6e90543
 def _check_window(n: int, seq_len: int) -> None:
     "Raise if a stream of `n` ids cannot give one window of `seq_len` inputs and `seq_len` targets."
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_int(seq_len, "seq_len")
     if n < seq_len + 1:
         hint = f"use seq_len <= {n - 1}" if n > 1 else "encode more text"
         raise ValueError(f"{n} token ids are too few for seq_len={seq_len}, which needs {seq_len + 1}: {hint}")
-
-
-def _check_count(value, name: str) -> None:
-    "Raise unless `value` is a positive int."
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def pack(ids, seq_len: int) -> torch.Tensor:
@@ -405,44 +504,56 @@ def pack(ids, seq_len: int) -> torch.Tensor:
 # %% ../nbs/03_data.ipynb #8ddf25fe
 class RandomBlocks:
     """Training batches of `batch_size` windows at random offsets of `ids` (nanoGPT style). Batch `i` depends only on
-    (`seed`, `i`), so training resumes exactly at any batch index; works on memory-mapped ids without loading them."""
+    (`seed`, `i`), so training resumes exactly at any batch index; works on memory-mapped ids without loading them.
+    With `weights` (one number per id), a batch also carries the weight of each target (`weights_at='targets'`) or
+    of each input (`'inputs'`), e.g. to count the key terms of a domain more (chapter 07)."""
 
-    def __init__(self, ids, seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, ids, seq_len: int, batch_size: int, seed: int = 0, weights=None, weights_at: str = "targets"):
         self.ids = _as_ids(ids)
         _check_window(len(self.ids), seq_len)
-        _check_count(batch_size, "batch_size")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
+        self.seq_len, self.batch_size = int(seq_len), check_int(batch_size, "batch_size")
+        self.seed = check_int(seed, "seed", minimum=0)
+        self.weights, self.weights_at = None, check_choice(weights_at, "weights_at", ("targets", "inputs"))
+        if weights is not None:
+            self.weights = np.asarray(weights, dtype=np.float32)
+            if self.weights.shape != self.ids.shape:
+                raise ValueError(f"weights {self.weights.shape} must have the shape of ids {self.ids.shape}: "
+                                 "one weight per token")
 
-    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Batch number `i`: inputs x and targets y, LongTensors (B, T), with y[b, t] = x[b, t + 1] in the source."
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-            raise ValueError(f"batch index must be a non-negative int, got {i!r}")
+    def batch(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Batch number `i`: inputs x and targets y, LongTensors (B, T), with y[b, t] = x[b, t + 1] in the source;
+        and with `weights`, a float tensor w (B, T) of the targets' (or inputs') weights."""
+        check_int(i, "batch index", minimum=0)
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, int(i)]).generate_state(1)[0]))
         starts = torch.randint(len(self.ids) - self.seq_len, (self.batch_size,), generator=g).numpy()  # (B,)
-        w = self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T+1): reads only these ids
-        w = torch.from_numpy(w.astype(np.int64))
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+        pos = starts[:, None] + np.arange(self.seq_len + 1)                                             # (B, T+1)
+        w = torch.from_numpy(self.ids[pos].astype(np.int64))          # reads only these ids
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()          # (B, T), (B, T)
+        if self.weights is None:
+            return x, y
+        at = pos[:, 1:] if self.weights_at == "targets" else pos[:, :-1]
+        return x, y, torch.from_numpy(self.weights[at])              # (B, T) weights
 
     __call__ = batch
 
 
 class Blocks:
-    """Evaluation batches: the windows of `pack(ids, seq_len)` in order, `batch_size` at a time (the last batch may
-    be smaller), at most `max_batches` batches; `n_tokens` is the number of target tokens they cover."""
+    """Evaluation batches of `batch_size` windows of `pack(ids, seq_len)` (the last batch may be smaller): all of
+    them in order, or with `max_batches` that many batches of windows spread evenly over the whole stream (the
+    first window opens it, the last closes it), so a capped evaluation still reads every part of the text.
+    `n_tokens` is the number of target tokens covered."""
 
     def __init__(self, ids, seq_len: int, batch_size: int, max_batches: int | None = None):
         self.ids = _as_ids(ids)
         _check_window(len(self.ids), seq_len)
-        _check_count(batch_size, "batch_size")
-        if max_batches is not None:
-            _check_count(max_batches, "max_batches")
-        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.seq_len, self.batch_size = int(seq_len), check_int(batch_size, "batch_size")
         n_windows = (len(self.ids) - 1) // self.seq_len
-        n_batches = -(-n_windows // self.batch_size)
-        self.n_batches = n_batches if max_batches is None else min(n_batches, int(max_batches))
-        self.n_windows = min(n_windows, self.n_batches * self.batch_size)
+        windows = np.arange(n_windows)
+        if max_batches is not None and check_int(max_batches, "max_batches") * self.batch_size < n_windows:
+            k = max_batches * self.batch_size                          # evenly spaced windows, first and last kept
+            windows = np.unique(np.round(np.linspace(0, n_windows - 1, k)).astype(np.int64))
+        self.starts = windows * self.seq_len                           # (N,) offsets of the windows in the stream
+        self.n_windows, self.n_batches = len(self.starts), -(-len(self.starts) // self.batch_size)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -454,10 +565,48 @@ class Blocks:
 
     def __iter__(self):
         for b in range(self.n_batches):
-            rows = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_windows))  # (B,)
-            w = self.ids[rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)]  # (B, T+1)
-            w = torch.from_numpy(w.astype(np.int64))
-            yield w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+            starts = self.starts[b * self.batch_size: (b + 1) * self.batch_size]               # (B,)
+            w = torch.from_numpy(self.ids[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
+            yield w[:, :-1].contiguous(), w[:, 1:].contiguous()                                # (B, T), (B, T)
+
+# %% ../nbs/03_data.ipynb #7e7ff1e0
+def epoch_rows(n: int, batch_size: int, i: int, seed: int = 0) -> torch.Tensor:
+    """The row indices of training batch `i` over `n` rows: epoch `i // (n // batch_size)` is a permutation of the
+    rows seeded by (`seed`, epoch), cut into `n // batch_size` batches (the rest of each epoch is skipped)."""
+    per_epoch = n // batch_size
+    epoch, j = divmod(int(i), per_epoch)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(n, generator=g)[j * batch_size: (j + 1) * batch_size]
+
+
+class TensorBatches:
+    """Batches of rows of equal-length tensors (e.g. ids, mask, labels). `batch(i)` is training batch `i` (rows
+    reshuffled every epoch, `epoch_rows`), a pure function of `i`; iterating gives every row once, in order (the last
+    batch may be short)."""
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, seed: int = 0):
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError(f"TensorBatches needs tensors with the same number of rows, got "
+                             f"{[len(t) for t in tensors]}")
+        check_int(batch_size, "batch_size")
+        if len(tensors[0]) == 0:
+            raise ValueError("TensorBatches got no rows: the data set is empty")
+        self.tensors, self.seed = tensors, check_int(seed, "seed", minimum=0)
+        self.batch_size = min(batch_size, len(tensors[0]))
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, ...]:
+        "Training batch `i` (always `batch_size` rows)."
+        rows = epoch_rows(len(self.tensors[0]), self.batch_size, i, self.seed)
+        return tuple(t[rows] for t in self.tensors)
+
+    __call__ = batch
+
+    def __iter__(self):
+        for start in range(0, len(self.tensors[0]), self.batch_size):
+            yield tuple(t[start: start + self.batch_size] for t in self.tensors)
 
 # %% ../nbs/03_data.ipynb #163fce26
 def to_hf_dataset(docs: Sequence[Document]):

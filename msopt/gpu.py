@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")  # "auto": bf16 where the device supports it, else fp32
 DISTRIBUTED = ("auto", "ddp", "fsdp", "none")
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'DISTRIBUTED', 'PEAK_TFLOPS', 'OPTIMIZER_STATE_BYTES', 'tf32', 'precision_context', 'grad_scaler',
-           'peak_flops', 'flops_per_token', 'model_flops_per_token', 'ThroughputMeter', 'compile_model',
+__all__ = ['PRECISIONS', 'DISTRIBUTED', 'PEAK_TFLOPS', 'OPTIMIZER_STATE_BYTES', 'tf32', 'resolve_precision', 'precision_context',
+           'grad_scaler', 'peak_flops', 'flops_per_token', 'model_flops_per_token', 'ThroughputMeter', 'compile_model',
            'fused_adamw_available', 'estimate_memory', 'memory_report', 'checkpoint_blocks', 'DistInfo', 'dist_info',
            'resolve_distributed', 'init_distributed', 'data_parallel', 'shard_batch', 'is_sharded', 'full_tensor',
-           'distribute_like', 'mean_over_ranks', 'no_sync']
+           'distribute_like', 'no_sync', 'Strategy', 'DataParallel', 'make_strategy']
 
 # %% ../nbs/15_gpu.ipynb #8b0d492d
 @contextmanager
@@ -37,13 +37,21 @@ def tf32(enabled: bool = True):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def precision_context(precision: str, device: torch.device | str):
-    "The context that runs a forward pass in `precision`: fp32 (nothing), tf32 (the switch), bf16 / fp16 (autocast)."
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    "`precision` checked against `device`: 'auto' becomes bf16 on a GPU that has it (else fp32); fp16 needs CUDA."
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision 'fp16' needs a CUDA device, got {device.type!r}: use 'bf16' or 'fp32'")
+    return precision
+
+
+def precision_context(precision: str, device: torch.device | str):
+    "The context that runs a forward pass in `precision`: fp32 (nothing), tf32 (the switch), bf16 / fp16 (autocast)."
+    precision, device = resolve_precision(precision, device), torch.device(device)
     if precision == "fp32":
         return nullcontext()
     if precision == "tf32":
@@ -339,16 +347,6 @@ def distribute_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    "The mean of a float over all processes (the value itself outside a distributed job)."
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 def no_sync(model: nn.Module, enabled: bool):
     "Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) inside the block: accumulation micro-batches."
     if not enabled:
@@ -367,3 +365,74 @@ def _fsdp_no_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+# %% ../nbs/15_gpu.ipynb #9b3cc4b0
+class Strategy:
+    """How the `Trainer` spreads a run over processes: this base class is one process on one device (nothing to do);
+    `DataParallel` is DDP or FSDP under `torchrun`. The Trainer calls these methods and nothing of torch.distributed."""
+    shards_parameters = False                       # whether parameters are DTensor shards (FSDP)
+
+    def __init__(self):
+        self.info = DistInfo()
+
+    def setup(self, device: torch.device) -> torch.device:
+        "Join the job (if any) and return the device this process trains on."
+        return device
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        "The module the loss calls while training (the model itself in one process)."
+        return model
+
+    def shard(self, batch):
+        "This process's rows of the global batch `batch`."
+        return batch
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        "The mean of tensor `t` over all processes (`t` itself in one process); no host sync."
+        return t
+
+    def no_sync(self, net: nn.Module, enabled: bool):
+        "A context that skips the gradient communication when `enabled` (accumulation micro-batches)."
+        return nullcontext()
+
+    def barrier(self) -> None:
+        "Wait for every process."
+
+
+class DataParallel(Strategy):
+    "Data parallelism under `torchrun`: mode 'ddp' (a whole model per process) or 'fsdp' (sharded, FSDP2)."
+
+    def __init__(self, mode: str = "ddp"):
+        super().__init__()
+        if mode not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown data-parallel mode {mode!r}: use 'ddp' or 'fsdp'")
+        self.mode, self.shards_parameters = mode, mode == "fsdp"
+
+    def setup(self, device: torch.device) -> torch.device:
+        self.info = init_distributed(device.type)
+        return torch.device("cuda", self.info.local_rank) if device.type == "cuda" else device
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        return data_parallel(model, self.mode, device)
+
+    def shard(self, batch):
+        return shard_batch(batch, self.info.rank, self.info.world_size)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.info.world_size
+
+    def no_sync(self, net: nn.Module, enabled: bool):
+        return no_sync(net, enabled)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def make_strategy(mode: str = "auto") -> Strategy:
+    "The strategy for `TrainConfig.distributed`: one process, or DDP / FSDP when `torchrun` started several."
+    mode = resolve_distributed(mode)
+    return Strategy() if mode == "none" else DataParallel(mode)

@@ -119,7 +119,8 @@ def plot_confusion(cm, names: Sequence[str] | None = None, ax=None, normalize: b
 __all__ = ['AVERAGES', 'SMOOTHING', 'METRICS', 'accuracy', 'confusion_matrix', 'precision_recall_f1', 'f1_score',
            'plot_confusion', 'classification_report', 'calibration_bins', 'expected_calibration_error', 'tokenize_13a',
            'BleuScore', 'bleu', 'tokenize_rouge', 'lcs_length', 'RougeScore', 'rouge_pair', 'rouge', 'normalize_answer',
-           'exact_match', 'token_f1', 'compute', 'sliding_window_nll', 'bits_per_byte', 'evaluate_lm']
+           'exact_match', 'token_f1', 'compute', 'sliding_window_nll', 'bits_per_byte', 'evaluate_lm',
+           'bootstrap_interval', 'paired_bootstrap_diff']
 
 # %% ../nbs/12_evaluation.ipynb #56beb13a
 def classification_report(preds, labels, names: Sequence[str] | None = None) -> dict:
@@ -447,3 +448,70 @@ def evaluate_lm(model: nn.Module, ids, seq_len: int, stride: int | None = None, 
     if n_bytes is not None:
         out["bpb"] = bits_per_byte(total, n_bytes)
     return out
+
+# %% ../nbs/12_evaluation.ipynb #b990ef01
+def _bootstrap_units(values, groups) -> tuple[np.ndarray, np.ndarray]:
+    "`values` as a (n_draws, n_items) float array and the group index of each item (each item its own group)."
+    v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=float)
+    if v.ndim not in (1, 2) or v.shape[-1] == 0:
+        raise ValueError(f"values must be (n_items,) or (n_draws, n_items) with at least one item, got shape "
+                         f"{v.shape}: pass one score per test item")
+    if not np.isfinite(v).all():
+        raise ValueError("values holds NaN or inf: score every item with a finite number")
+    v = v.reshape(-1, v.shape[-1])                                                 # (D, N)
+    if groups is None:
+        gid, unit = np.arange(v.shape[1]), "item"
+    else:
+        g = np.asarray(groups)
+        if g.shape != (v.shape[1],):
+            raise ValueError(f"groups has shape {g.shape} but values has {v.shape[1]} items: "
+                             "pass one group id per item")
+        gid, unit = np.unique(g, return_inverse=True)[1].reshape(-1), "group"
+    if gid.max() < 1:
+        raise ValueError(f"only 1 {unit}: resampling needs at least 2; pass more {unit}s")
+    return v, gid
+
+
+def _resample_counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    "How often each of `n` units is drawn in `size` resamples of n draws with replacement. (size, n)"
+    idx = rng.integers(0, n, (size, n)) + np.arange(size)[:, None] * n
+    return np.bincount(idx.ravel(), minlength=size * n).reshape(size, n)
+
+
+def bootstrap_interval(values, groups=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                       stat=np.mean) -> tuple[float, float, float]:
+    """(estimate, low, high): `stat` of the per-item scores `values` and its percentile bootstrap interval at `level`.
+
+    Each of `n_boot` resamples draws the items with replacement, or, given `groups` (one id per item, e.g. the test
+    play of each passage), whole groups with replacement (cluster bootstrap). `values` may also be (n_draws, n_items),
+    one row per training seed or label draw: then the rows are resampled too, and `stat` sees the chosen cells."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95 for a 95 % interval, got {level!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int (2000 is usual), got {n_boot!r}")
+    v, gid = _bootstrap_units(values, groups)
+    (n_draws, _), n_groups = v.shape, int(gid.max()) + 1
+    if stat is np.mean:                                                            # per (draw, group) sums suffice
+        sums = np.stack([np.bincount(gid, row, n_groups) for row in v])          # (D, G)
+        sizes = np.bincount(gid, minlength=n_groups)                               # (G,)
+    rng, reps = np.random.default_rng(seed), []
+    chunk = max(1, 2**22 // max(n_draws, n_groups))                               # resamples per block of memory
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        wd, wg = _resample_counts(rng, n_draws, size), _resample_counts(rng, n_groups, size)   # (b, D), (b, G)
+        if stat is np.mean:
+            reps.append(((wd @ sums) * wg).sum(1) / (n_draws * (wg @ sizes)))
+        else:
+            reps.append([stat(np.repeat(np.repeat(v, d, 0), g[gid], 1).ravel()) for d, g in zip(wd, wg)])
+    low, high = np.quantile(np.concatenate(reps), [(1 - level) / 2, (1 + level) / 2])
+    return float(stat(v.ravel())), float(low), float(high)
+
+
+def paired_bootstrap_diff(a, b, groups=None, n_boot: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high) for two systems scored on the same items (and draws: rows of `a` and `b` are
+    paired), with the percentile bootstrap interval of `bootstrap_interval` resampling items, or `groups`, jointly."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"a has shape {a.shape} but b has {b.shape}: score both systems on the same items")
+    return bootstrap_interval(a - b, groups, n_boot, level, seed)

@@ -3,16 +3,17 @@
 # %% ../nbs/16_pipeline.ipynb #2cbaf04e
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from .core import read_json, write_json
-from .stages import Stage
+from .core import check_choice, read_json, write_json
+from .stages.base import Stage, StageReport
 from .train import History
 
 # %% auto #0
@@ -20,21 +21,31 @@ __all__ = ['Report', 'Pipeline']
 
 # %% ../nbs/16_pipeline.ipynb #10ed9654
 class Report:
-    "The reports of a pipeline's stages, with their histories: `table()` and `plot()`."
+    """The `StageReport`s of a pipeline's stages with their histories, and the model the last stage handed on
+    (`model`, wrapped as that stage left it): `table()`, `plot()`, and `rows` (one flat dict per stage)."""
 
-    def __init__(self, rows: list[dict], histories: list[History]):
-        self.rows, self.histories = rows, histories
+    def __init__(self, reports: list[StageReport], histories: list[History], model: nn.Module | None = None):
+        self.reports, self.histories, self.model = reports, histories, model
+
+    @property
+    def rows(self) -> list[dict]:
+        "One flat dict per stage (`StageReport.row`)."
+        return [r.row() for r in self.reports]
 
     def table(self) -> str:
         """A Markdown table, one row per stage: steps, tokens, losses and perplexity, then every other number a stage
         reported (accuracy, key-term loss, ...), then time and whether the stage was skipped."""
-        first = ["stage", "steps", "tokens", "train_loss", "val_loss", "val_ppl"]
-        extra = sorted({k for r in self.rows for k, v in r.items()
+        rows = self.rows
+        first = ["stage", "steps", "tokens", "train_loss", "val_loss", "val_ppl", "best_step"]
+        extra = sorted({k for r in rows for k, v in r.items()
                         if k not in first + ["time_s", "skipped"] and isinstance(v, (int, float)) and v is not None})
-        cols = [c for c in first if any(c in r for r in self.rows)] + extra + ["time_s", "skipped"]
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        cols = first + extra + ["time_s", "skipped"]
+
+        def fmt(v) -> str:
+            return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in self.rows]
+        lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
@@ -43,48 +54,73 @@ class Report:
     def plot(self):
         "The loss curves of every stage, side by side; returns the figure."
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(self.rows), figsize=(6 * len(self.rows), 3.8), squeeze=False)
-        for ax, row, hist in zip(axes[0], self.rows, self.histories):
-            hist.plot(ax=ax, title=row["stage"])
+        fig, axes = plt.subplots(1, len(self.reports), figsize=(6 * len(self.reports), 3.8), squeeze=False)
+        for ax, report, hist in zip(axes[0], self.reports, self.histories):
+            hist.plot(ax=ax, title=report.stage)
+            if report.best_step is not None and report.best_step != report.steps:
+                ax.axvline(report.best_step, color="gray", ls=":", lw=1, label="kept")
         fig.tight_layout()
         return fig
 
 
+def _first_difference(old, new, path: str = "") -> str:
+    "Where two JSON values first differ, as 'key.key: old -> new'."
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                return _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+    shorten = lambda v: (s[:40] + "...") if len(s := json.dumps(v)) > 43 else s   # noqa: E731
+    return f"{path or 'value'}: {shorten(old)} -> {shorten(new)}"
+
+
 class Pipeline:
-    "Run `stages` in order on one model under the directory `out`; finished stages are skipped on a rerun."
+    """Run `stages` in order on one model under the directory `out`; finished stages are reused on a rerun when
+    their description (configuration and data fingerprint) and those of the stages before them are unchanged."""
 
     def __init__(self, stages: list[Stage], out: str | os.PathLike):
         if not stages:
             raise ValueError("a Pipeline needs at least one stage, e.g. Pipeline([Pretrain('clm', train=ids)], out=...)")
         for s in stages:
-            if not all(hasattr(s, a) for a in ("name", "describe", "run")):
-                raise TypeError(f"pipeline stages must be Stages (with name, describe() and run()), "
+            if not all(hasattr(s, a) for a in ("name", "describe", "run", "restore")):
+                raise TypeError(f"pipeline stages must be Stages (with name, describe(), run() and restore()), "
                                 f"got {type(s).__name__}")
         self.stages, self.out = list(stages), Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out={str(out)!r} is a file: give the pipeline a directory")
 
     def stage_dir(self, i: int) -> Path:
+        "The directory of stage `i`: `out/NN-name`."
         return self.out / f"{i:02d}-{self.stages[i].name}"
 
-    def run(self, model: nn.Module, fresh: bool = False) -> Report:
-        "Train `model` through every stage (in place) and return the `Report`; `fresh` discards earlier results."
+    def run(self, model: nn.Module, fresh: bool = False, on_change: str = "error") -> Report:
+        """Train `model` through every stage (in place, inside each stage's wrapper) and return the `Report`, whose
+        `model` is the last stage's wrapped model. `fresh` discards earlier results; `on_change` says what to do
+        with a finished stage whose description changed: 'error' (a one-line error) or 'rerun' (train it again)."""
+        check_choice(on_change, "on_change", ("error", "rerun"))
         if fresh and self.out.exists():
             shutil.rmtree(self.out)
-        rows, histories = [], []
+        reports, histories, key = [], [], ""
         for i, stage in enumerate(self.stages):
             d = self.stage_dir(i)
-            desc = json.loads(json.dumps(stage.describe()))  # as it reads back from report.json
-            skipped = (d / "report.json").is_file()
-            if skipped:
+            desc = {**stage.describe(), "after": key}                  # a change upstream changes every key below
+            key = hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=8).hexdigest()
+            if (d / "stage.json").is_file() and read_json(d / "stage.json") != desc:
+                if on_change == "error":
+                    what = _first_difference(read_json(d / "stage.json"), desc)
+                    raise ValueError(f"stage {i} ({stage.name}) in {d} was run with something else ({what}): pass "
+                                     f"on_change='rerun' to train it and the stages after it again, or fresh=True")
+                shutil.rmtree(d)
+            if (d / "report.json").is_file():
                 done = read_json(d / "report.json")
-                if done["describe"] != desc:
-                    raise ValueError(f"stage {i} ({stage.name}) in {d} was run with another configuration: "
-                                     f"rerun with fresh=True or choose another out directory")
-                load_model(model, str(d / "model.safetensors"))
-                report, history = done["report"], History(done["history"])
+                report, history = StageReport.from_dict({**done["report"], "skipped": True}), History(done["history"])
+                model = stage.restore(model, d / "model.safetensors")
+                stage.history = history
             else:
-                report, history = stage.run(model, d)
+                write_json(d / "stage.json", desc)
+                report = stage.run(model, d)
+                model, history = stage.model, stage.history
                 save_model(model, str(d / "model.safetensors"))
-                write_json(d / "report.json", {"describe": desc, "report": report, "history": history.rows})
-            rows.append({**report, "skipped": skipped})
+                write_json(d / "report.json", {"report": report.to_dict(), "history": history.rows})
+            reports.append(report)
             histories.append(history)
-        return Report(rows, histories)
+        return Report(reports, histories, model)

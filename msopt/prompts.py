@@ -7,12 +7,12 @@ import string
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from .core import check_choice, check_int, eval_mode, lm_logits, to_model_device
+from .data import as_tokenizer, epoch_rows
 from .models import GPT
-from .train import lm_logits, to_model_device
 
 REDUCTIONS = ("sum", "mean")
 
@@ -23,8 +23,7 @@ __all__ = ['REDUCTIONS', 'token_ids', 'PromptTemplate', 'encode_choices', 'choic
 # %% ../nbs/11_prompting.ipynb #b648b8d1
 def token_ids(tokenizer, text: str) -> list[int]:
     "Token ids of `text` without special tokens, from a `tokenizers.Tokenizer` or a Hugging Face tokenizer."
-    out = tokenizer.encode(text, add_special_tokens=False)
-    return list(out.ids if hasattr(out, "ids") else out)
+    return as_tokenizer(tokenizer).encode(text)
 
 
 @dataclass
@@ -98,8 +97,7 @@ def encode_choices(prompts: Sequence[Sequence[int]], verbalizers: Sequence[Seque
 def choice_scores(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor,
                   tok: torch.Tensor, valid: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     "Log-likelihood scores (N, K) of every verbalizer after every prompt, from `encode_choices`' tensors."
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduce {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    check_choice(reduce, "reduce", REDUCTIONS)
     logits = lm_logits(model(ids, attention_mask=attention_mask))                        # (M, L, V)
     picked = logits.flatten(0, 1)[pos.flatten().to(logits.device)].float()               # (N*K*J, V)
     logp = picked.log_softmax(-1).gather(1, tok.flatten().to(logits.device)[:, None])    # (N*K*J, 1)
@@ -119,8 +117,7 @@ class PromptData:
                  seed: int = 0, reduce: str = "sum"):
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"PromptData needs as many labels as texts, at least one; got {len(texts)} and {len(labels)}")
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"unknown reduce {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+        check_choice(reduce, "reduce", REDUCTIONS)
         self.prompts = [template.ids(tokenizer, t, demos, max_text_tokens) for t in texts]
         self.verbalizers = [token_ids(tokenizer, v) for v in template.verbalizers]
         self.labels = torch.tensor(list(labels), dtype=torch.long)
@@ -133,11 +130,8 @@ class PromptData:
         return (*encode_choices([self.prompts[r] for r in rows], self.verbalizers), self.labels[list(rows)])
 
     def batch(self, i: int) -> tuple[torch.Tensor, ...]:
-        "Training batch `i` (`batch_size` examples)."
-        per_epoch = len(self) // self.batch_size
-        epoch, j = divmod(int(i), per_epoch)
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
-        return self._collate(torch.randperm(len(self), generator=g)[j * self.batch_size:(j + 1) * self.batch_size].tolist())
+        "Training batch `i` (`batch_size` examples; rows reshuffled every epoch, `epoch_rows`)."
+        return self._collate(epoch_rows(len(self), self.batch_size, i, self.seed).tolist())
 
     def __iter__(self):
         for start in range(0, len(self), self.batch_size):
@@ -150,13 +144,12 @@ def prompt_loss(model: nn.Module, batch, reduce: str = "sum") -> torch.Tensor:
     return nn.functional.cross_entropy(choice_scores(model, *choices, reduce=reduce), labels)
 
 
-@torch.no_grad()
 def prompt_predict(model: nn.Module, data: PromptData) -> tuple[torch.Tensor, torch.Tensor]:
     "Predicted classes (N,) and scores (N, K) of every example of `data`, in eval mode."
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    scores = torch.cat([choice_scores(model, *[t.to(device) for t in b[:-1]], reduce=data.reduce).cpu() for b in data])
-    model.train(was_training)
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        scores = torch.cat([choice_scores(model, *[t.to(device) for t in b[:-1]], reduce=data.reduce).cpu()
+                            for b in data])
     return scores.argmax(-1), scores
 
 # %% ../nbs/11_prompting.ipynb #1810b9aa
@@ -179,8 +172,7 @@ class PrefixCache:
 def _frozen_gpt(model: nn.Module, n: int, what: str) -> GPT:
     if not isinstance(model, GPT):
         raise TypeError(f"{what} wraps an msopt GPT, got {type(model).__name__}: convert with msopt.models.from_hf")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"prompt length {n!r} must be a positive int (number of virtual tokens)")
+    check_int(n, "prompt length (number of virtual tokens)")
     for p in model.parameters():
         p.requires_grad_(False)
     return model

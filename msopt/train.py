@@ -10,7 +10,6 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -20,20 +19,19 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from .core import get_device, read_json, write_json
-from .gpu import (DISTRIBUTED, DistInfo, data_parallel, distribute_like, full_tensor, init_distributed, is_sharded,
-                       mean_over_ranks, no_sync, resolve_distributed, shard_batch)
+from .core import check_choice, check_int, eval_mode, get_device, model_mode, read_json, to_device, write_json
+from .gpu import (DISTRIBUTED, PRECISIONS, Strategy, distribute_like, full_tensor, grad_scaler, is_sharded,
+                       make_strategy, precision_context, resolve_precision)
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto falls back to text bars without widgets
 from tqdm.auto import tqdm  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+MINIMIZED = ("loss", "ppl", "perplexity", "bpb", "error")  # names of numbers that are better low (select_mode "auto")
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TrainConfig', 'History', 'CheckpointError', 'full_state', 'save_checkpoint', 'load_checkpoint',
-           'latest_checkpoint', 'NonFiniteLossError', 'lm_logits', 'to_device', 'to_model_device', 'autocast',
-           'resolve_precision', 'Trainer']
+__all__ = ['MINIMIZED', 'TrainConfig', 'History', 'CheckpointError', 'full_state', 'save_checkpoint', 'load_checkpoint',
+           'latest_checkpoint', 'NonFiniteLossError', 'Callback', 'Trainer']
 
 # %% ../nbs/05_training.ipynb #c4978abe
 @dataclass
@@ -49,9 +47,14 @@ class TrainConfig:
     schedule: str = "cosine"        # cosine | linear | wsd | constant | ...: msopt.optim.build_schedule
     grad_accum: int = 1             # micro-batches per optimizer step
     clip_norm: float | None = 1.0   # max global gradient norm; None: no clipping
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (with a gradient scaler) | auto (bf16 on a GPU that has it)
+    precision: str = "fp32"         # fp32 | tf32 | bf16 | fp16 (with a gradient scaler) | auto (bf16 where supported)
     eval_every: int = 100           # steps between evaluations (and at the start and the end)
     eval_batches: int | None = None # cap on validation batches per evaluation
+    keep_best: bool = False         # end on the weights of the best evaluation (by select_by), not the last step's
+    select_by: str = "val_loss"     # what "best" means: val_loss, or a number that the metrics report
+    select_mode: str = "auto"       # min | max | auto (min for losses, perplexities, bits per byte, errors)
+    patience: int | None = None     # stop after this many evaluations without improvement (None: never stop early)
+    min_delta: float = 0.0          # an improvement must beat the best by more than this
     log_every: int = 10             # steps between progress-bar updates
     ckpt_every: int | None = None   # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 2             # how many checkpoints to keep
@@ -63,26 +66,22 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "eval_every", "log_every", "keep_ckpts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), f"TrainConfig.{name}")
+        check_int(self.seed, "TrainConfig.seed", minimum=0)
+        for name in ("ckpt_every", "eval_batches", "patience"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), f"TrainConfig.{name}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay} must be "
-                             f">= 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if self.distributed not in DISTRIBUTED:
-            raise ValueError(f"unknown distributed mode {self.distributed!r}: use one of {', '.join(DISTRIBUTED)}")
-        if self.ckpt_every is not None and self.ckpt_every < 1:
-            raise ValueError(f"ckpt_every must be None or a positive int, got {self.ckpt_every!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1 or self.min_delta < 0:
+            raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay} and "
+                             f"min_delta={self.min_delta} must be >= 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        check_choice(self.precision, "precision", PRECISIONS)
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_choice(self.on_nonfinite, "on_nonfinite", ("raise", "skip"))
+        check_choice(self.distributed, "distributed mode", DISTRIBUTED)
+        check_choice(self.select_mode, "select_mode", ("auto", "min", "max"))
         self.betas = tuple(self.betas)
 
 # %% ../nbs/05_training.ipynb #1bd29ec6
@@ -255,7 +254,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
             raise CheckpointError(f"checkpoint {directory} is corrupted: {name} does not match its checksum")
     sharded = is_sharded(model)
     if sharded:
-        missing, unexpected = _load_sharded(model, load_file(str(directory / "model.safetensors")))
+        missing, unexpected = _load_whole(model, load_file(str(directory / "model.safetensors")))
     else:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
@@ -277,8 +276,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     return meta["state"]
 
 
-def _load_sharded(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    "Load whole tensors into an FSDP-sharded `model`, each rank keeping its shard; returns (missing, unexpected)."
+def _load_whole(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load whole tensors into `model` (each shared tensor under one of its names); an FSDP-sharded model keeps this
+    rank's shard of each. Returns (missing, unexpected) names."""
     params = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     for name, t in params.items():
@@ -307,119 +307,168 @@ class NonFiniteLossError(FloatingPointError):
     "A NaN or infinite loss."
 
 
-def lm_logits(output) -> torch.Tensor:
-    "Logits from a model's output: a tensor (msopt models) or an object with `.logits` (Hugging Face models)."
-    return output if torch.is_tensor(output) else output.logits
-
-
-def to_device(batch, device: torch.device):
-    "Move a batch (tensor, or tuple / list / dict of them) to `device`."
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def to_model_device(model: nn.Module, batch):
-    """`batch` moved to the device of `model`'s parameters (as `to_device`): the batch losses call it, so that they
-    take a CPU batch for a model that trained on a GPU. Unchanged for a model without parameters (or a plain function)."""
-    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    return batch if param is None else to_device(batch, param.device)
-
-
 def _n_tokens(batch) -> int:
+    "The number of entries of a batch's first tensor (its tokens for (B, T) ids)."
     first = batch if torch.is_tensor(batch) else (next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
     return int(first.numel())
 
 
-def autocast(precision: str, device: torch.device):
-    "The autocast context of `precision` ('fp32' gives a no-op context)."
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class Callback:
+    """Hooks into `Trainer.fit`. Each hook may change the run (unfreeze a layer group, log a row, stop) but must depend
+    only on `trainer.step` and state derived from it, so that a resumed run makes the same calls. A plain function
+    `f(trainer)` given as a callback runs as `on_step_begin`."""
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        "Before the first step of `fit` (also of a resumed fit)."
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        "Before each optimizer step (the learning rate is set after it)."
+
+    def on_step_end(self, trainer: Trainer, row: dict) -> None:
+        "After each optimizer step, with the step's row of the history (and its evaluation, if there was one)."
+
+    def on_evaluate(self, trainer: Trainer, row: dict) -> None:
+        "After each evaluation, with the evaluated numbers (val_loss and the metrics)."
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        "After the last step, once the best weights (`keep_best`) are back in the model."
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    "'auto' becomes bf16 on a GPU that supports it, else fp32; fp16 needs CUDA."
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision 'fp16' needs a CUDA device, got {device.type!r}: use 'bf16' or 'fp32'")
-    return precision
+class _StepBegin(Callback):
+    "A plain function run before every step."
+    def __init__(self, fn: Callable[[Trainer], None]):
+        self.fn = fn
 
+    def on_step_begin(self, trainer: Trainer) -> None:
+        self.fn(trainer)
 
+# %% ../nbs/05_training.ipynb #8bfebe13
 class Trainer:
-    """Train `model` by minimizing `loss_fn(model, batch)` over `train_data`, the loop every stage of msopt uses.
+    """Train `model` by minimizing `loss_fn(model, batch)` over `train_data`: the loop every stage of msopt uses.
 
-    `train_data(i)` or `train_data.batch(i)` gives micro-batch `i`; `val_data` is an iterable of batches (or None).
-    With `out_dir`, checkpoints go to `out_dir/ckpt` and `fit()` resumes from the latest one. Each of `callbacks` is
-    called as `callback(trainer)` before every optimizer step; it must depend only on `trainer.step` (and state it
-    derives from it) so that a resumed run makes the same calls, e.g. unfreezing a layer group at a given step.
+    - `train_data(i)` or `train_data.batch(i)` gives micro-batch `i`; `val_data` is an iterable of batches (or None);
+      `metrics(model) -> dict` adds numbers to every evaluation (e.g. accuracy on a dev split).
+    - With `config.keep_best`, the weights of the best evaluation (by `config.select_by`) are put back at the end;
+      with `config.patience`, the run stops after that many evaluations without improvement.
+    - With `out_dir`, checkpoints go to `out_dir/ckpt` (the best weights to `out_dir/best`) and `fit()` resumes from
+      the latest one: the resumed run takes the same steps, batches and random draws as an uninterrupted one.
+    - `callbacks` are `Callback`s (or functions run before each step); `strategy` spreads the run over processes
+      (default: from `config.distributed`, see `msopt.gpu.make_strategy`; chapter 15).
 
-    Started by `torchrun` with several processes, it trains data-parallel (`config.distributed`: DDP by default, or
-    FSDP): micro-batch `i` is the global batch, of which each rank takes its share of rows; rank 0 shows progress
-    and writes the checkpoints, in the single-process format (chapter 15)."""
+    It syncs with the host once per optimizer step (the loss and gradient norm, fetched together) and once per
+    evaluation."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], train_data,
                  config: TrainConfig | None = None, val_data: Iterable | None = None,
                  out_dir: str | os.PathLike | None = None, name: str = "train",
-                 optimizer: torch.optim.Optimizer | None = None,
-                 callbacks: Sequence[Callable[[Trainer], None]] = ()):
+                 optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[Callback | Callable] = (),
+                 metrics: Callable[[nn.Module], dict] | None = None, strategy: Strategy | None = None):
         self.config = c = config or TrainConfig()
-        self.callbacks = list(callbacks)
         if not callable(train_data) and not hasattr(train_data, "batch"):
             raise TypeError(f"train_data must be callable as train_data(i) or have .batch(i), "
                             f"got {type(train_data).__name__}")
-        self.device = get_device(c.device)
-        self.parallel = resolve_distributed(c.distributed)       # ddp | fsdp | none
-        if self.parallel == "fsdp" and optimizer is not None:
-            raise ValueError("distributed='fsdp' shards the parameters after the optimizer was built: leave optimizer=None "
-                             "and choose it with TrainConfig.optimizer, or use distributed='ddp'")
-        self.dist = init_distributed(self.device.type) if self.parallel != "none" else DistInfo()
-        if self.parallel != "none" and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ValueError(f"out_dir={str(out_dir)!r} is a file: give a directory for the checkpoints")
+        if (c.keep_best or c.patience) and c.select_by == "val_loss" and val_data is None:
+            raise ValueError("keep_best and patience select by val_loss: give val_data=, or metrics= and select_by")
+        if (c.keep_best or c.patience) and c.select_by != "val_loss" and metrics is None:
+            raise ValueError(f"select_by={c.select_by!r} needs metrics= that reports it (a function model -> dict)")
+        self.callbacks = [cb if isinstance(cb, Callback) else _StepBegin(cb) for cb in callbacks]
+        self.strategy = strategy or make_strategy(c.distributed)
+        if self.strategy.shards_parameters and optimizer is not None:
+            raise ValueError("FSDP shards the parameters after the optimizer was built: leave optimizer=None and "
+                             "choose it with TrainConfig.optimizer, or use distributed='ddp'")
+        self.device = self.strategy.setup(get_device(c.device))
+        self.dist = self.strategy.info
         self.precision = resolve_precision(c.precision, self.device)
         self.model = model.to(self.device)
-        self.net = data_parallel(self.model, self.parallel, self.device)   # what loss_fn gets while training
-        self.loss_fn, self.val_data, self.name = loss_fn, val_data, name
+        self.net = self.strategy.wrap(self.model, self.device)          # what loss_fn gets while training
+        self.loss_fn, self.val_data, self.metrics, self.name = loss_fn, val_data, metrics, name
         self._batch = train_data.batch if hasattr(train_data, "batch") else train_data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.optimizer = optimizer or build_optimizer(self.model, c.optimizer, c.lr, c.weight_decay, c.betas)
         self.schedule = build_schedule(c.schedule, c.steps, min(c.warmup_steps, c.steps), c.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = grad_scaler(self.precision, self.device)
         self.history, self.step, self.tokens, self.skipped = History(), 0, 0, 0
+        self.best: dict | None = None              # {"step", "value"} of the best evaluation so far
+        self.bad_evals, self.stopped = 0, False    # evaluations since the best; whether patience ran out
+        self._best_weights: dict | None = None     # in memory, when there is no out_dir
 
     # -- evaluation ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> float | None:
         "Mean of `loss_fn` over the validation batches, weighted by batch size (None without validation data)."
         if self.val_data is None:
             return None
         max_batches = max_batches or self.config.eval_batches
-        was_training = self.model.training
-        self.model.eval()
-        total, n = 0.0, 0
-        for i, batch in enumerate(self.val_data):
-            if max_batches is not None and i >= max_batches:
-                break
-            with autocast(self.precision, self.device):
+        total, n = torch.zeros((), device=self.device), 0
+        with eval_mode(self.model):
+            for i, batch in enumerate(self.val_data):
+                if max_batches is not None and i >= max_batches:
+                    break
                 size = _n_tokens(batch)                        # weight each batch by its size: the last may be short
-                total += float(self.loss_fn(self.model, to_device(batch, self.device))) * size
-            n += size
-        self.model.train(was_training)
+                with precision_context(self.precision, self.device):
+                    total += self.loss_fn(self.model, to_device(batch, self.device)).float() * size
+                n += size
         if n == 0:
             raise ValueError("val_data yielded no batches: give it at least one batch or pass val_data=None")
-        return total / n
+        return total.item() / n                                  # the evaluation's one host sync
+
+    def _evaluation(self) -> dict:
+        "The numbers of one evaluation: val_loss (with validation data) and the `metrics`."
+        row = {}
+        if self.val_data is not None:
+            row["val_loss"] = self.evaluate()
+        if self.metrics is not None:
+            with eval_mode(self.model):
+                row.update({k: float(v) for k, v in self.metrics(self.model).items()})
+        return row
+
+    def _minimize(self) -> bool:
+        c = self.config
+        return c.select_mode == "min" or (c.select_mode == "auto" and c.select_by.endswith(MINIMIZED))
+
+    def _select(self, row: dict) -> None:
+        "Track the best evaluation (saving its weights with `keep_best`) and count evaluations without improvement."
+        c = self.config
+        if c.select_by not in row:
+            if c.keep_best or c.patience:
+                raise ValueError(f"select_by={c.select_by!r} is not among the evaluated numbers {sorted(row)}: "
+                                 f"pass metrics= that reports it, or select_by='val_loss'")
+            return
+        value, sign = row[c.select_by], (1 if self._minimize() else -1)
+        if self.best is None or sign * (self.best["value"] - value) > c.min_delta:
+            self.best, self.bad_evals = {"step": self.step, "value": value}, 0
+            if c.keep_best:
+                self._save_best()
+        else:
+            self.bad_evals += 1
+            self.stopped = c.patience is not None and self.bad_evals >= c.patience
+
+    def _save_best(self) -> None:
+        "Keep the weights of the best evaluation: in `out_dir/best`, or in memory without an `out_dir`."
+        weights = full_state(self.model)[0]                         # whole tensors (a collective when sharded)
+        if self.out_dir is None:
+            self._best_weights = {k: v.clone() for k, v in weights.items()}
+        elif self.dist.main:
+            save_checkpoint(self.out_dir / "best", weights, state=self.best)
+        self.strategy.barrier()
+
+    def _restore_best(self) -> None:
+        "Put the weights of the best evaluation back into the model."
+        if self._best_weights is not None:
+            _load_whole(self.model, self._best_weights)
+        elif self.out_dir is not None and (self.out_dir / "best").is_dir():
+            load_checkpoint(self.out_dir / "best", self.model, restore_rng=False)
+        else:
+            raise CheckpointError(f"stage '{self.name}': the weights of the best step ({self.best['step']}) are "
+                                  f"missing from {self.out_dir}/best: run the stage again from scratch")
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     @property
     def ckpt_dir(self) -> Path | None:
+        "Where the checkpoints go: `out_dir/ckpt` (None without `out_dir`)."
         return self.out_dir / "ckpt" if self.out_dir is not None else None
 
     def save(self) -> Path | None:
@@ -427,20 +476,17 @@ class Trainer:
         if self.ckpt_dir is None:
             return None
         state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "name": self.name,
-                 "config": asdict(self.config), "history": self.history.rows}
-        model, optimizer = (full_state(self.model, self.optimizer) if is_sharded(self.model)   # every rank gathers
-                            else (self.model, self.optimizer))
+                 "config": asdict(self.config), "history": self.history.rows, "best": self.best,
+                 "bad_evals": self.bad_evals, "stopped": self.stopped}
+        model, optimizer = (full_state(self.model, self.optimizer) if self.strategy.shards_parameters
+                            else (self.model, self.optimizer))                      # a collective when sharded
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.dist.main:
             save_checkpoint(path, model, optimizer, state, self.scaler)
             for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.config.keep_ckpts]:
                 shutil.rmtree(old)
-        self._barrier()
+        self.strategy.barrier()
         return path
-
-    def _barrier(self) -> None:
-        if self.parallel != "none":
-            torch.distributed.barrier()
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         "Load the latest checkpoint (or `path`); returns whether one was found."
@@ -449,6 +495,7 @@ class Trainer:
             return False
         state = load_checkpoint(path, self.model, self.optimizer, self.scaler)
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
+        self.best, self.bad_evals, self.stopped = state.get("best"), state.get("bad_evals", 0), state.get("stopped", False)
         if self.dist.rank > 0:                        # the checkpoint holds rank 0's generators: give this rank its own
             torch.manual_seed(self.config.seed + self.dist.rank + 100_003 * self.step)
         self.history = History(state["history"])
@@ -462,73 +509,84 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def _train_step(self) -> tuple[float, float | None]:
-        "One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm)."
+        "One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm) with one host sync."
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(c.grad_accum):
-            batch = self._batch(self.step * c.grad_accum + micro)
-            if self.parallel != "none":                   # the global batch i: this rank's share of its rows
-                batch = shard_batch(batch, self.dist.rank, self.dist.world_size)
-            batch = to_device(batch, self.device)
-            with no_sync(self.net, micro < c.grad_accum - 1):    # communicate gradients on the last micro-batch only
-                with autocast(self.precision, self.device):
+            batch = to_device(self.strategy.shard(self._batch(self.step * c.grad_accum + micro)), self.device)
+            with self.strategy.no_sync(self.net, micro < c.grad_accum - 1):   # reduce gradients on the last one only
+                with precision_context(self.precision, self.device):
                     loss = self.loss_fn(self.net, batch)
-                value = loss.item()
-                if self.parallel != "none":               # the global batch's loss; non-finite if any rank's is
-                    value = mean_over_ranks(value, self.device)
-                if not math.isfinite(value):
-                    if c.on_nonfinite == "raise":
-                        raise NonFiniteLossError(f"non-finite loss {value} at step {self.step} of stage '{self.name}': "
-                                                 f"lower the learning rate, use bf16/fp32, or clip gradients")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped += 1
-                    return float("nan"), None
                 self.scaler.scale(loss / c.grad_accum).backward()
-            total += value / c.grad_accum
+            total += loss.detach().float() / c.grad_accum
             self.tokens += _n_tokens(batch) * self.dist.world_size
         self.scaler.unscale_(self.optimizer)
         norm = None
         if c.clip_norm is not None:
-            norm = float(full_tensor(nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)))
+            norm = full_tensor(nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm))
+        stats = torch.stack([self.strategy.mean(total), norm.float() if norm is not None else total])
+        value, norm_value = stats.tolist()                     # the step's one host sync: loss and norm together
+        if not math.isfinite(value):
+            if c.on_nonfinite == "raise":
+                raise NonFiniteLossError(f"non-finite loss {value} at step {self.step} of stage '{self.name}': "
+                                         f"lower the learning rate, use bf16/fp32, or clip gradients")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            self.skipped += 1
+            return float("nan"), None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return total, norm
+        return value, norm_value if norm is not None else None
+
+    def _evaluate_and_select(self, row: dict) -> None:
+        row.update(self._evaluation())
+        if row:
+            self._select(row)
+            for cb in self.callbacks:
+                cb.on_evaluate(self, row)
 
     def fit(self, resume: bool = True, stop_at: int | None = None) -> History:
-        """Train up to `config.steps` (or stop early after step `stop_at`, to be resumed later).
-
-        With `resume` and an `out_dir`, continue from the latest checkpoint; the resumed run takes the same steps, on
-        the same batches, with the same random draws, as an uninterrupted one."""
+        """Train up to `config.steps` (or stop early after step `stop_at`, to be resumed later); with `keep_best`,
+        end on the weights of the best evaluation. With `resume` and an `out_dir`, continue from the latest
+        checkpoint exactly."""
         c = self.config
         if not (resume and self.resume()):
             torch.manual_seed(c.seed + self.dist.rank)
         end = c.steps if stop_at is None else min(c.steps, stop_at)
-        self.model.train()
+        evaluates = self.val_data is not None or self.metrics is not None
         start_time = time.perf_counter() - (self.history.rows[-1]["time"] if self.history.rows else 0.0)
-        if self.step == 0 and self.val_data is not None:
-            self.history.log(step=0, val_loss=self.evaluate(), time=0.0, tokens=0)
-        bar = tqdm(total=end, initial=self.step, desc=self.name, disable=not c.progress or self.step >= end or not self.dist.main,
-                   mininterval=1.0, dynamic_ncols=True)
-        postfix = {}
-        while self.step < end:
-            for callback in self.callbacks:
-                callback(self)
-            lr = self._set_lr()
-            loss, norm = self._train_step()
-            self.step += 1
-            row = {"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens,
-                   "time": time.perf_counter() - start_time}
-            last = self.step == c.steps
-            if self.val_data is not None and (self.step % c.eval_every == 0 or last):
-                row["val_loss"] = self.evaluate()
-                postfix["val"] = f"{row['val_loss']:.3f}"
-            self.history.log(**row)
-            if self.step % c.log_every == 0 or last or "val_loss" in row:
-                postfix["loss"] = f"{loss:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if (c.ckpt_every and self.step % c.ckpt_every == 0) or self.step == end:
-                self.save()
-        bar.close()
+        with model_mode(self.model, True):
+            for cb in self.callbacks:
+                cb.on_fit_begin(self)
+            if self.step == 0 and evaluates and not self.history.rows:
+                row = {"step": 0, "time": 0.0, "tokens": 0}
+                self._evaluate_and_select(row)
+                self.history.log(**row)
+            bar = tqdm(total=end, initial=self.step, desc=self.name, mininterval=1.0, dynamic_ncols=True,
+                       disable=not c.progress or self.step >= end or self.stopped or not self.dist.main)
+            while self.step < end and not self.stopped:
+                for cb in self.callbacks:
+                    cb.on_step_begin(self)
+                lr = self._set_lr()
+                loss, norm = self._train_step()
+                self.step += 1
+                row = {"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens}
+                if evaluates and (self.step % c.eval_every == 0 or self.step == c.steps):
+                    self._evaluate_and_select(row)
+                row["time"] = time.perf_counter() - start_time
+                self.history.log(**row)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, row)
+                if self.step % c.log_every == 0 or self.step == end or "val_loss" in row:
+                    bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_loss") if row.get(k) is not None},
+                                    refresh=False)
+                bar.update(1)
+                if (c.ckpt_every and self.step % c.ckpt_every == 0) or self.step == end or self.stopped:
+                    self.save()
+            bar.close()
+            if c.keep_best and self.best is not None and (self.step >= c.steps or self.stopped):
+                self._restore_best()
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
         return self.history

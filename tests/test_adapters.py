@@ -164,7 +164,7 @@ def test_gradual_unfreezing_resume_is_exact(tmp_path):
 
 
 def test_gradual_unfreezing_bad_input():
-    with pytest.raises(ValueError, match="every must be"):
+    with pytest.raises(ValueError, match=r"every \(steps between unfreezing two groups\) must be a positive int, got 0"):
         GradualUnfreezing(layer_groups(gpt()), every=0)
     with pytest.raises(ValueError, match="at least one layer group"):
         GradualUnfreezing([], every=1)

@@ -41,12 +41,17 @@ def test_seed_everything_repeats_every_generator():
         seed_everything(-1)
 
 
-def test_get_device():
-    assert get_device("cpu").type == "cpu"
-    assert get_device().type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            get_device("cuda")
+def test_get_device(monkeypatch):
+    assert get_device("cpu").type == "cpu" and get_device("cpu:0") == torch.device("cpu", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_device() == torch.device("cuda")                       # CUDA first when there is one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert get_device() == torch.device("mps")                        # then Apple's MPS
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert get_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda' asked for but CUDA is not available"):
+        get_device("cuda")
 
 
 def test_run_dir_and_json(tmp_path, monkeypatch):

@@ -150,7 +150,7 @@ def test_bad_distributed_mode():
 def test_fsdp_refuses_a_prebuilt_optimizer(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = new_model()
-    with pytest.raises(ValueError, match="distributed='fsdp' shards the parameters"):
+    with pytest.raises(ValueError, match="FSDP shards the parameters"):
         Trainer(model, loss_fn, batch, config(distributed="fsdp"), optimizer=torch.optim.SGD(model.parameters(), 0.1))
 
 

@@ -4,12 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from msopt.data import Blocks, RandomBlocks, train_tokenizer
+from msopt.data import Blocks, RandomBlocks, as_tokenizer, train_tokenizer
 from msopt.losses import clm_loss
 from msopt.models import GPT, Encoder, GPTConfig
 from msopt.pipeline import Pipeline
-from msopt.stages import (DomainAdapt, MLMBatchLoss, PriorityMLMBatchLoss, TermBlocks, key_terms, term_losses,
-                          term_token_mask, token_bytes, weighted_clm_batch_loss)
+from msopt.objectives import MLMBatchLoss, PriorityMLMBatchLoss, weighted_clm_batch_loss
+from msopt.stages import DomainAdapt
+from msopt.terms import key_terms, term_losses, term_token_mask
+
+
+def token_bytes(tok):
+    return as_tokenizer(tok).token_bytes()
 
 GENERAL = ["the cat sat on the mat and the dog sat on the log. " * 20,
            "a cat and a dog ran to the mat; the dog ran. " * 20,
@@ -101,27 +106,26 @@ def test_term_token_mask_bad_input(tok):
         term_token_mask([5, 6], tok, ["king", " "])
     with pytest.raises(ValueError, match="encode with the same tokenizer"):
         term_token_mask([5, 10**5], tok, ["king"])
-    with pytest.raises(TypeError, match="tokenizers.Tokenizer or a transformers tokenizer"):
+    with pytest.raises(TypeError, match="tokenizers.Tokenizer or a Hugging Face tokenizer"):
         term_token_mask([5, 6], object(), ["king"])
 
 
-def test_term_blocks_match_random_blocks():
+def test_weighted_blocks_match_random_blocks():
     ids = np.arange(500, dtype=np.uint16) % 97
     weights = (np.arange(500) % 5 == 0) * 2.0 + 1.0
-    data = TermBlocks(ids, weights, seq_len=8, batch_size=3, seed=4)
+    data = RandomBlocks(ids, seq_len=8, batch_size=3, seed=4, weights=weights)
     x, y, w = data.batch(11)
     rx, ry = RandomBlocks(ids, 8, 3, seed=4).batch(11)
     assert torch.equal(x, rx) and torch.equal(y, ry) and w.dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(data(11), data.batch(11)))          # a pure function of i
-    pos = data.positions.batch(11)[1]
-    assert torch.equal(w, torch.from_numpy(weights.astype(np.float32))[pos])
+    positions = RandomBlocks(np.arange(500), 8, 3, seed=4).batch(11)                  # the same windows, of positions
+    assert torch.equal(w, torch.from_numpy(weights.astype(np.float32))[positions[1]])
     with pytest.raises(ValueError, match="one weight per token"):
-        TermBlocks(ids, weights[:-1], 8, 3)
-    px = data.positions.batch(11)[0]
-    assert torch.equal(TermBlocks(ids, weights, 8, 3, seed=4, at="inputs").batch(11)[2],
-                       torch.from_numpy(weights.astype(np.float32))[px])
-    with pytest.raises(ValueError, match="use 'targets'"):
-        TermBlocks(ids, weights, 8, 3, at="outputs")
+        RandomBlocks(ids, 8, 3, weights=weights[:-1])
+    assert torch.equal(RandomBlocks(ids, 8, 3, seed=4, weights=weights, weights_at="inputs").batch(11)[2],
+                       torch.from_numpy(weights.astype(np.float32))[positions[0]])
+    with pytest.raises(ValueError, match="unknown weights_at 'outputs'"):
+        RandomBlocks(ids, 8, 3, weights=weights, weights_at="outputs")
 
 
 def test_priority_mlm_batch_loss_masks_key_terms_more_often():
@@ -185,12 +189,12 @@ def test_domain_adapt_reports_before_and_after(tok, tmp_path):
     stage = DomainAdapt(train, val, keywords=["king", "france"], tokenizer=tok, term_weight=3.0, **KW)
     assert stage.name == "domain-adapt" and stage.train_mask.any() and stage.val_mask.any()
     json.dumps(stage.describe())
-    report, history = stage.run(_model(tok), tmp_path)
+    report = stage.run(_model(tok), tmp_path)
     assert report["val_loss"] < report["val_loss_before"] - 0.5
     assert report["term_loss"] < report["term_loss_before"]
     assert report["term_ppl"] == pytest.approx(np.exp(report["term_loss"]))
     assert report["steps"] == 30 and report["val_term_tokens"] > 0
-    json.dumps(report)
+    json.dumps(report.to_dict())
 
 
 def test_domain_adapt_weights_change_training(tok, tmp_path):
@@ -207,16 +211,16 @@ def test_domain_adapt_weights_change_training(tok, tmp_path):
 def test_domain_adapt_resumes_exactly_and_keeps_before(tok, tmp_path):
     train, val = _data(tok)
     full = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, **KW)
-    ref, _ = full.run(_model(tok), tmp_path / "ref")
+    ref = full.run(_model(tok), tmp_path / "ref")
     stage = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, **{**KW, "ckpt_every": 10})
-    import msopt.stages as st
-    real_fit = st.Trainer.fit
-    st.Trainer.fit = lambda self, resume=True, stop_at=None: real_fit(self, resume, stop_at=12)
+    from msopt.train import Trainer
+    real_fit = Trainer.fit
+    Trainer.fit = lambda self, resume=True, stop_at=None: real_fit(self, resume, stop_at=12)
     try:
         stage.run(_model(tok), tmp_path / "cut")
     finally:
-        st.Trainer.fit = real_fit
-    report, _ = stage.run(_model(tok, seed=9), tmp_path / "cut")
+        Trainer.fit = real_fit
+    report = stage.run(_model(tok, seed=9), tmp_path / "cut")
     for key in ("val_loss", "term_loss", "term_loss_before", "val_loss_before"):
         assert report[key] == pytest.approx(ref[key], rel=1e-5), key
 
@@ -226,13 +230,13 @@ def test_domain_adapt_mlm(tok, tmp_path):
     torch.manual_seed(0)
     encoder = Encoder(GPTConfig.tiny(tok.get_vocab_size(), n_layer=1, n_embd=32, n_head=2, block_size=16))
     stage = DomainAdapt(train, val, keywords=["king"], tokenizer=tok, objective="mlm", **KW)
-    assert stage.name == "domain-adapt-mlm" and stage.describe()["mask_prob"] == 0.15
-    report, history = stage.run(encoder, tmp_path)
+    assert stage.name == "domain-adapt-mlm" and stage.describe()["settings"]["mask_prob"] == 0.15
+    report = stage.run(encoder, tmp_path)
     assert report["val_loss"] < report["val_loss_before"] and report["term_loss"] < report["term_loss_before"]
-    mlm = MLMBatchLoss(2, tok.get_vocab_size())
+    mlm = MLMBatchLoss(as_tokenizer(tok).mask_id, tok.get_vocab_size())
     half = np.arange(len(val)) % 2 == 0
     r = term_losses(encoder, val, half, 16, 8, max_batches=1, mlm=mlm)                 # the masks of the evaluation
-    first = next(iter(Blocks(val, 16, 8)))
+    first = next(iter(Blocks(val, 16, 8, max_batches=1)))              # windows spread over the text
     with torch.no_grad():
         assert r["loss"] == pytest.approx(mlm(encoder.eval(), first).item(), rel=1e-5)
     assert 0 < r["term_tokens"] < r["tokens"] < 16 * 8

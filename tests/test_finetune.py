@@ -7,9 +7,12 @@ import torch
 
 from msopt.data import load_corpus, train_tokenizer
 from msopt.models import GPT, GPTConfig, LSTMLM
-from msopt.stages import (FineTune, LabelledTexts, SequenceClassifier, TensorBatches, answer_exact_match,
-                          classify_batch_loss, encode_sft, encode_texts, feature_width, format_prompt, genre_task,
-                          instruction_task, predict_labels, speeches)
+from msopt.data import TensorBatches
+from msopt.heads import SequenceClassifier, feature_width, predict_labels
+from msopt.objectives import classify_batch_loss
+from msopt.stages import FineTune
+from msopt.stages.finetune import answer_exact_match
+from msopt.tasks import LabelledTexts, encode_sft, encode_texts, format_prompt, genre_task, instruction_task, speeches
 
 PLAYS = ["twelfth_night", "macbeth", "henry_v"]
 
@@ -169,16 +172,18 @@ def test_finetune_classify_learns_and_reports(tmp_path):
     data = toy_task()
     stage = FineTune("classify", train=data, val=toy_task(seed=1), batch_size=16, seed=0, steps=20, lr=1e-2,
                      warmup_steps=2, eval_every=10, progress=False)
-    report, history = stage.run(tiny_gpt(60), tmp_path)
-    json.dumps(report)
-    for key in ("accuracy", "macro_f1", "trainable_params", "time_s", "val_loss", "confusion"):
-        assert key in report
+    report = stage.run(tiny_gpt(60), tmp_path)
+    json.dumps(report.to_dict())
+    for key in ("accuracy", "macro_f1", "accuracy_before", "trainable_params", "time_s", "val_loss"):
+        assert key in report.row()
     assert report["accuracy"] == 1.0 and report["macro_f1"] == 1.0
-    assert history.val_loss < history.series("val_loss")[1][0]
-    preds = predict_labels(stage.classifier, data[0], data[1])
-    assert torch.equal(preds, data[2])
+    assert stage.history.val_loss < stage.history.series("val_loss")[1][0]
+    assert "accuracy" in stage.history.rows[-1]                       # the dev metrics at every evaluation
+    preds = predict_labels(stage.model, data[0], data[1])
+    assert torch.equal(preds, data[2]) and torch.equal(stage.predict(data), data[2])
+    assert stage.evaluate(data)["confusion"] == [[int((data[2] == 0).sum()), 0], [0, int((data[2] == 1).sum())]]
     with torch.no_grad():
-        assert float(classify_batch_loss(stage.classifier, data)) < 0.1
+        assert float(classify_batch_loss(stage.model, data)) < 0.1
     assert json.dumps(stage.describe())
 
 
@@ -187,7 +192,7 @@ def test_finetune_classify_deterministic(tmp_path):
     for i in range(2):
         stage = FineTune("classify", train=toy_task(), batch_size=8, seed=3, steps=4, progress=False)
         stage.run(tiny_gpt(60), tmp_path / str(i))
-        runs.append(stage.classifier.head.weight.detach().clone())
+        runs.append(stage.model.head.weight.detach().clone())
     assert torch.equal(*runs)
 
 
@@ -195,7 +200,7 @@ def test_finetune_freeze_and_user_frozen(tmp_path):
     model = tiny_gpt(60)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stage = FineTune("classify", train=toy_task(), batch_size=8, steps=3, freeze=True, progress=False)
-    report, _ = stage.run(model, tmp_path / "probe")
+    report = stage.run(model, tmp_path / "probe")
     assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())                 # restored after the stage
     assert report["trainable_params"] == 32 * 2 + 2
@@ -224,9 +229,9 @@ def test_finetune_param_groups_and_callbacks(tmp_path):
 def test_finetune_lstm_and_minilm_backbones(tmp_path, minilm, task, tok):
     small = LabelledTexts(task.train.texts[:4], task.train.labels[:4], task.train.names)
     model, hf_tok = minilm
-    r1, _ = FineTune("classify", train=small, val=small, tokenizer=hf_tok, seq_len=32, batch_size=4, pool="mean",
+    r1 = FineTune("classify", train=small, val=small, tokenizer=hf_tok, seq_len=32, batch_size=4, pool="mean",
                      steps=1, progress=False).run(model, tmp_path / "minilm")
-    r2, _ = FineTune("classify", train=small, val=small, tokenizer=tok, seq_len=32, batch_size=4, steps=1,
+    r2 = FineTune("classify", train=small, val=small, tokenizer=tok, seq_len=32, batch_size=4, steps=1,
                      progress=False).run(LSTMLM(tok.get_vocab_size(), 16, 24, 1), tmp_path / "lstm")
     assert 0 <= r1["accuracy"] <= 1 and 0 <= r2["macro_f1"] <= 1
 
@@ -241,7 +246,7 @@ def test_finetune_bad_arguments(tmp_path, task, tok):
     with pytest.raises(TypeError, match="LabelledTexts or a tuple"):
         FineTune("classify", train=[1, 2, 3])
     with pytest.raises(ValueError, match="needs tokenizer="):
-        FineTune("classify", train=task.train).run(tiny_gpt(60), tmp_path)
+        FineTune("classify", train=task.train)
     with pytest.raises(ValueError, match="head has 3 classes but the data has 2"):
         FineTune("classify", train=toy_task(), steps=1).run(SequenceClassifier(tiny_gpt(60), 3), tmp_path)
     with pytest.raises(ValueError, match="exceeds the model's context length"):
@@ -300,8 +305,8 @@ def test_finetune_sft_memorizes_and_exact_match_agrees_with_greedy(tmp_path, tok
     model = tiny_gpt(tok.get_vocab_size(), block=128)
     stage = FineTune("sft", train=pairs, val=pairs, tokenizer=tok, seq_len=128, batch_size=4, steps=60, lr=1e-2,
                      warmup_steps=5, eval_every=30, progress=False)
-    report, _ = stage.run(model, tmp_path)
-    json.dumps(report)
+    report = stage.run(model, tmp_path)
+    json.dumps(report.to_dict())
     assert report["exact_match_before"] == 0.0 and report["exact_match"] == 1.0
     out = generate(model, [format_prompt(tok, p) for p, _ in pairs], max_new_tokens=12, tokenizer=tok)
     assert [o.strip() for o in out] == [a for _, a in pairs]
@@ -312,4 +317,19 @@ def test_finetune_sft_memorizes_and_exact_match_agrees_with_greedy(tmp_path, tok
 
 def test_finetune_sft_needs_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="needs tokenizer="):
-        FineTune("sft", train=[("q", "a")]).run(tiny_gpt(60), tmp_path)
+        FineTune("sft", train=[("q", "a")])
+
+
+def test_finetune_keeps_the_best_dev_accuracy(tmp_path):
+    "An over-fitting run (labels of the training rows shuffled) ends on the weights of its best dev evaluation."
+    ids, mask, labels = toy_task(64)
+    noisy = (ids, mask, labels[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
+    kw = dict(train=noisy, val=toy_task(32, seed=1), batch_size=16, steps=60, lr=1e-2, warmup_steps=0,
+              eval_every=5, progress=False, seed=0)
+    last = FineTune("classify", **kw)
+    last.run(tiny_gpt(60), tmp_path / "last")
+    steps, accs = zip(*[(r["step"], r["accuracy"]) for r in last.history.rows if "accuracy" in r])
+    best = FineTune("classify", keep_best=True, select_by="accuracy", **kw)
+    report = best.run(tiny_gpt(60), tmp_path / "best")
+    assert report.best_step == steps[accs.index(max(accs))] and report["accuracy"] == max(accs)
+    assert best.evaluate(kw["val"])["accuracy"] == max(accs) >= last.evaluate(kw["val"])["accuracy"]

@@ -6,7 +6,7 @@ from torch import nn
 
 from msopt.gpu import (DistInfo, PEAK_TFLOPS, ThroughputMeter, checkpoint_blocks, compile_model, data_parallel,
                        dist_info, distribute_like, estimate_memory, flops_per_token, full_tensor, fused_adamw_available,
-                       grad_scaler, init_distributed, is_sharded, mean_over_ranks, memory_report,
+                       grad_scaler, init_distributed, is_sharded, make_strategy, memory_report,
                        model_flops_per_token, no_sync, peak_flops, precision_context, resolve_distributed, shard_batch,
                        tf32)
 from msopt.losses import clm_loss
@@ -193,7 +193,8 @@ def test_single_process_helpers(monkeypatch):
     assert not is_sharded(model)
     t = torch.ones(3)
     assert full_tensor(t) is t and distribute_like(t, torch.zeros(3)) is t
-    assert mean_over_ranks(2.5, torch.device("cpu")) == 2.5
+    one = make_strategy("auto")
+    assert float(one.mean(torch.tensor(2.5))) == 2.5 and one.shard(t) is t and not one.shards_parameters
     with no_sync(model, True), no_sync(nn.Linear(2, 2), False):
         pass
 

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 import sacrebleu
 
-from msopt.metrics import (METRICS, BleuScore, RougeScore, accuracy, bits_per_byte, bleu, calibration_bins,
-                           classification_report, compute, confusion_matrix, evaluate_lm, exact_match,
-                           expected_calibration_error, f1_score, lcs_length, normalize_answer, plot_confusion,
-                           precision_recall_f1, rouge, rouge_pair, sliding_window_nll, token_f1, tokenize_13a,
-                           tokenize_rouge)
+from msopt.metrics import (METRICS, BleuScore, RougeScore, accuracy, bits_per_byte, bleu, bootstrap_interval,
+                           calibration_bins, classification_report, compute, confusion_matrix, evaluate_lm,
+                           exact_match, expected_calibration_error, f1_score, lcs_length, normalize_answer,
+                           paired_bootstrap_diff, plot_confusion, precision_recall_f1, rouge, rouge_pair,
+                           sliding_window_nll, token_f1, tokenize_13a, tokenize_rouge)
 
 skm = pytest.importorskip("sklearn.metrics")
 
@@ -333,3 +333,91 @@ def test_perplexity_errors():
         sliding_window_nll(model, [[1, 2]], 4)
     with pytest.raises(ValueError, match="n_bytes must be a positive int"):
         bits_per_byte(1.0, 0)
+
+
+# bootstrap intervals -------------------------------------------------------------------------------------------------
+
+def clustered_scores(rng, n_groups=40, per_group=20, group_sd=0.5, item_sd=1.0):
+    "Scores with true mean 0: a random effect per group plus item noise (intra-group correlation 0.2); the groups."
+    v = rng.normal(0, group_sd, (n_groups, 1)) + rng.normal(0, item_sd, (n_groups, per_group))   # (G, m)
+    return v.ravel(), np.repeat(np.arange(n_groups), per_group)
+
+
+def test_group_bootstrap_covers_and_item_bootstrap_undercovers():
+    rng, covered = np.random.default_rng(0), {"items": 0, "groups": 0}
+    for i in range(200):
+        v, g = clustered_scores(rng)
+        for unit, groups in (("items", None), ("groups", g)):
+            _, low, high = bootstrap_interval(v, groups, n_boot=1000, level=0.9, seed=i)
+            covered[unit] += low <= 0 <= high
+    # design effect 1 + 19 * 0.2 = 4.8: the item interval is ~2.2x too narrow (measured 57 %); groups measured 87 %
+    assert 0.83 <= covered["groups"] / 200 <= 0.96 and covered["items"] / 200 < 0.7
+
+
+def test_bootstrap_estimate_interval_and_determinism():
+    rng = np.random.default_rng(1)
+    v, g = clustered_scores(rng)
+    est, low, high = bootstrap_interval(v, g)
+    assert est == pytest.approx(v.mean()) and low < est < high
+    assert bootstrap_interval(v, g) == (est, low, high)                                   # same seed, same interval
+    _, low90, high90 = bootstrap_interval(v, g, level=0.9)
+    assert low < low90 < high90 < high
+    _, low_items, high_items = bootstrap_interval(v)
+    assert high - low > 1.5 * (high_items - low_items)                       # resampling groups widens it
+    ones = np.ones(30)
+    assert bootstrap_interval(ones, np.arange(30) % 3) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_mean_path_matches_generic_stat():
+    rng = np.random.default_rng(2)
+    v, g = rng.normal(size=(3, 50)), rng.integers(0, 7, 50)      # 3 draws (seeds) of 50 items in 7 uneven groups
+    for values, groups in ((v, g), (v, None), (v[0], g), (v[0], None)):
+        fast = bootstrap_interval(values, groups, n_boot=300)
+        slow = bootstrap_interval(values, groups, n_boot=300, stat=lambda x: x.mean())
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    est, low, high = bootstrap_interval(v[0], g, n_boot=300, stat=np.median)
+    assert est == np.median(v[0]) and low <= est <= high
+
+
+def test_bootstrap_resamples_draws():
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=200)
+    same = np.stack([items, items, items])                                           # three identical seeds
+    assert bootstrap_interval(same, n_boot=500) == pytest.approx(bootstrap_interval(items, n_boot=500), abs=0.02)
+    shifted = np.stack([items - 1, items, items + 1])                                # seeds that disagree by +-1
+    _, low, high = bootstrap_interval(shifted, n_boot=500)
+    _, low1, high1 = bootstrap_interval(items, n_boot=500)
+    assert high - low > 2 * (high1 - low1)
+
+
+def test_paired_bootstrap_diff():
+    rng = np.random.default_rng(4)
+    v, g = clustered_scores(rng)
+    assert paired_bootstrap_diff(v, v, g) == (0.0, 0.0, 0.0)
+    better = v + 0.1 + rng.normal(0, 0.05, v.shape)                  # a small gain on top of shared item difficulty
+    diff, low, high = paired_bootstrap_diff(better, v, g)
+    assert diff == pytest.approx(better.mean() - v.mean()) and 0 < low < diff < high
+    _, low_a, high_a = bootstrap_interval(better, g)
+    assert high - low < (high_a - low_a) / 5                         # the shared group effect cancels
+    assert paired_bootstrap_diff(np.stack([better, better]), np.stack([v, v]), g)[0] == pytest.approx(diff)
+
+
+def test_bootstrap_errors():
+    v = np.arange(6.0)
+    with pytest.raises(ValueError, match=r"groups has shape \(5,\) but values has 6 items"):
+        bootstrap_interval(v, groups=[0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match=r"a has shape \(6,\) but b has \(5,\)"):
+        paired_bootstrap_diff(v, v[:5])
+    for level in (0, 1, 95, -0.5):
+        with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+            bootstrap_interval(v, level=level)
+    with pytest.raises(ValueError, match="only 1 group: resampling needs at least 2"):
+        bootstrap_interval(v, groups=["hamlet"] * 6)
+    with pytest.raises(ValueError, match="only 1 item"):
+        bootstrap_interval([0.5])
+    with pytest.raises(ValueError, match="n_boot must be a positive int"):
+        bootstrap_interval(v, n_boot=0)
+    with pytest.raises(ValueError, match="values holds NaN"):
+        bootstrap_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"values must be \(n_items,\) or \(n_draws, n_items\)"):
+        bootstrap_interval(np.zeros((2, 2, 2)))

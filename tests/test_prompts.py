@@ -150,7 +150,7 @@ def test_prefix_cache_records_then_prepends():
 def test_wrappers_bad_input():
     g = gpt()
     for cls in (SoftPrompt, PrefixTuning):
-        with pytest.raises(ValueError, match="prompt length 0 must be a positive int") as e:
+        with pytest.raises(ValueError, match=r"prompt length \(number of virtual tokens\) must be a positive int, got 0") as e:
             cls(g, 0)
         assert "\n" not in str(e.value)
         with pytest.raises(ValueError, match="init_ids has 2 ids for 3"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from msopt.data import RandomBlocks
 from msopt.generate import beam_search, generate, top_p_filter
 from msopt.models import GPT, GPTConfig
-from msopt.stages import clm_batch_loss, mask_tokens
+from msopt.objectives import clm_batch_loss, mask_tokens
 from msopt.train import TrainConfig, Trainer
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent('''
     import msopt.train as train
     from msopt.data import RandomBlocks
     from msopt.models import GPT, GPTConfig
-    from msopt.stages import clm_batch_loss
+    from msopt.objectives import clm_batch_loss
 
     out, kill_at, stall_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     fsync = train._fsync

@@ -1,12 +1,14 @@
 import json
 import math
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from msopt.train import (CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint,
-                         lm_logits, load_checkpoint, save_checkpoint, to_model_device)
+from msopt.core import lm_logits, to_model_device
+from msopt.train import (Callback, CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer,
+                         latest_checkpoint, load_checkpoint, save_checkpoint)
 
 V, T, B = 16, 12, 8
 
@@ -164,7 +166,7 @@ def test_history_plot_and_series():
     (dict(steps=0), "TrainConfig.steps must be a positive int"),
     (dict(lr=-1.0), "TrainConfig.lr must be a positive number"),
     (dict(precision="fp8"), "unknown precision 'fp8'"),
-    (dict(on_nonfinite="ignore"), "on_nonfinite must be 'raise' or 'skip'"),
+    (dict(on_nonfinite="ignore"), "unknown on_nonfinite 'ignore'"),
     (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'"),
     (dict(schedule="exp"), "unknown schedule 'exp'"),
 ])
@@ -182,8 +184,9 @@ def test_bad_train_data_and_fp16_on_cpu():
 
 
 def test_bf16_autocast_on_cpu_trains():
-    h = make(precision="bf16", steps=10).fit()
-    assert math.isfinite(h.val_loss)
+    h = make(precision="bf16", steps=10, eval_every=5).fit()
+    first, last = h.series("val_loss")[1][0], h.val_loss
+    assert math.isfinite(last) and last < first - 0.1, (first, last)
 
 
 def test_evaluate_weights_batches_by_size():
@@ -238,3 +241,116 @@ def test_to_model_device_follows_the_parameters():
     if torch.cuda.is_available():
         gx, gy = to_model_device(Bigram().cuda(), (x, y))
         assert gx.is_cuda and gy.is_cuda
+
+
+# -- model selection ------------------------------------------------------------------------------------------------
+def overfit_batch(i):
+    "Training data that disagrees with the validation data: the longer the run, the worse the validation loss."
+    x, _ = batch(i % 2)
+    return x, (x + 2) % V
+
+
+VAL_RISES = [(batch(-1)[0], (batch(-1)[0] + 1) % V)]
+
+
+def _mixed(i):
+    "First the validation rule (the model improves on VAL), then a contradicting rule (it gets worse)."
+    return batch(i) if i < 15 else overfit_batch(i)
+
+
+def selection_run(tmp=None, stop_at=None, **kw):
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{"steps": 40, "lr": 2e-2, "warmup_steps": 0, "eval_every": 5, "progress": False,
+                         "schedule": "constant", "ckpt_every": 5, **kw})
+    t = Trainer(Bigram(), loss_fn, _mixed, cfg, val_data=VAL_RISES, out_dir=tmp)
+    t.fit(stop_at=stop_at)
+    return t
+
+
+def test_keep_best_restores_the_weights_of_the_best_evaluation(tmp_path):
+    last = selection_run()                                        # no selection: ends on the last step's weights
+    steps, vals = last.history.series("val_loss")
+    best_step = steps[vals.index(min(vals))]
+    assert 0 < best_step < 40 and vals[-1] > min(vals) + 0.5, (steps, vals)   # the run does over-fit
+    for tmp in (None, tmp_path):                                  # best kept in memory, and on disk
+        kept = selection_run(tmp, keep_best=True)
+        assert kept.best == {"step": best_step, "value": min(vals)}
+        assert kept.evaluate() == pytest.approx(min(vals), rel=1e-6)
+    reference = selection_run(stop_at=best_step)                 # the weights of the best step, trained directly
+    for a, b in zip(kept.model.state_dict().values(), reference.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_stops_and_resumes_exactly(tmp_path):
+    full = selection_run(keep_best=True, patience=2)
+    assert full.stopped and full.step < 40
+    assert full.step == full.best["step"] + 2 * 5                  # two evaluations without improvement
+    selection_run(tmp_path, keep_best=True, patience=2, stop_at=full.best["step"] + 5)
+    resumed = selection_run(tmp_path, keep_best=True, patience=2)
+    assert resumed.stopped and resumed.step == full.step and resumed.best == full.best
+    assert resumed.history.rows == full.history.rows or (
+        [r["train_loss"] for r in resumed.history.rows if "train_loss" in r]
+        == [r["train_loss"] for r in full.history.rows if "train_loss" in r])
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+    again = selection_run(tmp_path, keep_best=True, patience=2)   # a finished, stopped run: nothing more to do
+    assert again.step == full.step
+
+
+def test_select_by_a_metric_and_its_errors():
+    calls = []
+    def metrics(model):
+        calls.append(model.training)
+        return {"agreement": -float(loss_fn(model, VAL_RISES[0]))}
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=40, lr=2e-2, warmup_steps=0, eval_every=5, progress=False, schedule="constant",
+                      keep_best=True, select_by="agreement")
+    t = Trainer(Bigram(), loss_fn, _mixed, cfg, val_data=VAL_RISES, metrics=metrics)
+    t.fit()
+    assert not any(calls), "metrics run in eval mode"
+    ref = selection_run(keep_best=True)
+    assert t.best["step"] == ref.best["step"] and t.best["value"] == pytest.approx(-ref.best["value"], rel=1e-5)
+    with pytest.raises(ValueError, match="select_by='accuracy' needs metrics="):
+        Trainer(Bigram(), loss_fn, batch, TrainConfig(keep_best=True, select_by="accuracy"), val_data=VAL)
+    with pytest.raises(ValueError, match="keep_best and patience select by val_loss: give val_data="):
+        Trainer(Bigram(), loss_fn, batch, TrainConfig(patience=3))
+    with pytest.raises(ValueError, match="TrainConfig.patience must be a positive int, got 0"):
+        TrainConfig(patience=0)
+
+
+def test_one_host_sync_per_step_plus_evaluations(monkeypatch):
+    "fit() reads values from the device once per optimizer step (loss and norm together) and once per evaluation."
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        def counted(self, *a, _original=original, **kw):
+            caller = sys._getframe(1).f_code.co_filename          # msopt's code and this test's loss, not torch's
+            counts["n"] += "msopt" in caller or "tests" in caller  # (AdamW reads its CPU step counters itself)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    t = make(steps=12, eval_every=4, grad_accum=2)
+    t.fit()
+    evaluations = len(t.history.series("val_loss")[0])           # steps 0, 4, 8, 12
+    assert counts["n"] <= 12 + evaluations, counts
+
+
+def test_callback_events_and_training_mode_after_an_error():
+    events = []
+    class Recorder(Callback):
+        def on_fit_begin(self, trainer): events.append("begin")
+        def on_step_end(self, trainer, row): events.append(("step", row["step"], "val_loss" in row))
+        def on_evaluate(self, trainer, row): events.append(("eval", row["step"]))
+        def on_fit_end(self, trainer): events.append("end")
+    t = make(steps=4, eval_every=2)
+    t.callbacks = [Recorder()]
+    t.fit()
+    assert events == ["begin", ("eval", 0), ("step", 1, False), ("eval", 2), ("step", 2, True), ("step", 3, False),
+                      ("eval", 4), ("step", 4, True), "end"]
+    def failing(model, b):
+        raise RuntimeError("boom")
+    t = make(steps=4)
+    t.model.train()
+    t.loss_fn = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        t.evaluate()
+    assert t.model.training, "evaluate puts the model back in train mode after an error"
