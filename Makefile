@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install export check-export test pytest wheel-check book render clean
+.PHONY: install export check-export lint test pytest wheel-check book render clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,14 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# nbdev_export, for chapters that export to several modules (see the script's docstring)
 export: install
-	$(BIN)/nbdev_export
+	$(PY) scripts/export.py
 
 # msopt/ is generated: after exporting, git must see no change under it
 check-export: export
 	@if [ -n "$$(git status --porcelain -- msopt)" ]; then \
 	  echo "msopt/ differs from what nbs/ exports; run nbdev_export and commit:"; git status --porcelain -- msopt; exit 1; \
 	else echo "msopt/ matches the notebooks"; fi
+
+lint: install
+	$(BIN)/ruff check msopt tests benchmarks scripts
 
 # two workers with one thread each: the small models of the tests keep two cores busier this way than one process
 # with two threads
@@ -45,7 +49,7 @@ render: install
 wheel-check: install
 	scripts/check_wheel.sh $(PY)
 
-test: check-export pytest wheel-check render
+test: check-export lint pytest wheel-check render
 
 # execute every chapter in the current profile (cached by jupyter-cache) and render
 book: install

@@ -40,7 +40,7 @@ def measure(n_layer, n_embd, n_head, vocab, batch, seq_len, precision) -> dict:
         torch.cuda.reset_peak_memory_stats()
         with precision_context(precision, "cuda"):
             loss = clm_loss(model(x[:, :-1]), x[:, 1:])
-        after_forward = torch.cuda.memory_allocated() - baseline                    # what the backward pass will need, kept
+        after_forward = torch.cuda.memory_allocated() - baseline                    # what the backward pass needs
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)

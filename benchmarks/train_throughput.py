@@ -1,7 +1,7 @@
 """Training throughput: msopt's GPT against transformers' GPT2LMHeadModel, same config, same batch, same process.
 
     python benchmarks/train_throughput.py                      # CPU: a small config in fp32
-    python benchmarks/train_throughput.py --gpu                # GPU: GPT-2 124M, context 1024, bf16, compiled, fused AdamW
+    python benchmarks/train_throughput.py --gpu                # GPU: GPT-2 124M, context 1024, bf16, compiled
 
 Both models train with AdamW on the same random batches; the steps alternate between the two models so that a change
 in the machine's load hits both alike. Prints one JSON line: tokens/s of each, the ratio msopt / transformers, MFU
@@ -17,8 +17,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from msopt.core import get_device
-from msopt.gpu import (ThroughputMeter, compile_model, flops_per_token, fused_adamw_available, peak_flops,
-                       precision_context)
+from msopt.gpu import (
+    ThroughputMeter,
+    compile_model,
+    flops_per_token,
+    fused_adamw_available,
+    peak_flops,
+    precision_context,
+)
 from msopt.losses import clm_loss
 from msopt.models import GPT, GPTConfig
 
@@ -45,7 +51,8 @@ def main():
     gpu = device.type == "cuda"
     cfg = dict(CONFIGS[args.config or ("gpt2" if args.gpu else "small")])
     batch, seq_len = args.batch or cfg.pop("batch"), args.seq_len or cfg.pop("seq_len")
-    cfg.pop("batch", None); cfg.pop("seq_len", None)
+    cfg.pop("batch", None)
+    cfg.pop("seq_len", None)
     steps = args.steps or (30 if gpu else 6)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     precision = args.precision or ("bf16" if gpu else "fp32")

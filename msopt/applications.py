@@ -78,7 +78,7 @@ def sonnets(doc: Document | str) -> list[tuple[list[str], list[str]]]:
     text = doc.text if isinstance(doc, Document) else doc
     out = []
     for block in re.split(r"\n\s*[IVXLC]+\s*\n", text):
-        lines = [l.strip() for l in block.strip().splitlines() if l.strip()]
+        lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
         if len(lines) == 14:
             out.append((lines[:12], lines[12:]))
     return out

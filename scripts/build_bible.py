@@ -14,7 +14,8 @@ What it does: for every verse of the 66 books in the KJV versification of the Sp
 translations, drops the OSIS markup and the translators' footnotes (`<note>` elements), collapses whitespace, turns an
 all-capital first word ("EN el principio") into normal case, and keeps the pair when both sides are non-empty and
 their lengths differ by at most a factor of 2.5; chapters that the NRSVA versification of the WEB and the KJV one
-of the RV1909 number differently (a handful, such as 3 John 1) are left out. Output: a TSV with a header `ref, book, en, es`, compressed with xz.
+of the RV1909 number differently (a handful, such as 3 John 1) are left out. Output: a TSV with a header
+`ref, book, en, es`, compressed with xz.
 """
 import argparse
 import functools

@@ -36,7 +36,8 @@ def test_translation_pairs(bible):
 
 
 def test_speaker_turns():
-    turns = speaker_turns("Ber.\nWho's there?\n\nFran.\nNay, answer me.\n[Exit.]\n\nFirst Clown.\nIs she to be buried?\n")
+    turns = speaker_turns("Ber.\nWho's there?\n\nFran.\nNay, answer me.\n[Exit.]\n\n"
+                          "First Clown.\nIs she to be buried?\n")
     assert turns == [("Ber", "Who's there?"), ("Fran", "Nay, answer me."), ("First Clown", "Is she to be buried?")]
     hamlet = speaker_turns(load_corpus("shakespeare", works=["hamlet"])[0])
     assert len(hamlet) > 1000 and ("Ber", "Who's there?") in hamlet[:5]

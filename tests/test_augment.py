@@ -11,9 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from msopt.augment import (FGM, METHODS, STOPWORDS, augment, augment_dataset, find_embedding, load_synonyms,
-                           pseudo_label, random_deletion, random_insertion, random_swap, synonym_replacement,
-                           synonyms_from_wordnet, token_noise, with_token_noise)
+from msopt.augment import (
+    FGM,
+    METHODS,
+    STOPWORDS,
+    augment,
+    augment_dataset,
+    find_embedding,
+    load_synonyms,
+    pseudo_label,
+    random_deletion,
+    random_insertion,
+    random_swap,
+    synonym_replacement,
+    synonyms_from_wordnet,
+    token_noise,
+    with_token_noise,
+)
 from msopt.models import GPT, GPTConfig
 
 ASSET = Path(__file__).resolve().parents[1] / "msopt/assets/synonyms.json.xz"

@@ -55,7 +55,8 @@ def test_collapse_streams_keeps_the_final_state_of_a_progress_bar():
 def test_every_chapter_opens_with_a_colab_badge_and_a_colab_only_install_cell():
     for path in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
-        src = lambda c: c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+        def src(c):
+            return c["source"] if isinstance(c["source"], str) else "".join(c["source"])
         assert f"colab.research.google.com/github/msopt/msopt/blob/main/nbs/{path.name}" in src(cells[0]), path.name
         install = [c for c in cells[:6] if c["cell_type"] == "code" and "pip install" in src(c)]
         assert install, f"{path.name}: no install cell among the first cells"

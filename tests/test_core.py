@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from msopt.core import (PROFILES, Stopwatch, environment, get_device, pick, profile, read_json, run_dir,
-                        seed_everything, write_json)
+from msopt.core import (
+    PROFILES,
+    Stopwatch,
+    environment,
+    get_device,
+    pick,
+    profile,
+    read_json,
+    run_dir,
+    seed_everything,
+    write_json,
+)
 
 
 def test_profile_default_and_env(monkeypatch):
@@ -33,9 +43,12 @@ def test_pick(monkeypatch):
 def test_seed_everything_repeats_every_generator():
     def draw():
         return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
-    seed_everything(7); a = draw()
-    seed_everything(7); b = draw()
-    seed_everything(8); c = draw()
+    seed_everything(7)
+    a = draw()
+    seed_everything(7)
+    b = draw()
+    seed_everything(8)
+    c = draw()
     assert a == b and a != c
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         seed_everything(-1)

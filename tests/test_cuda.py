@@ -8,8 +8,16 @@ import torch
 
 from msopt.data import RandomBlocks
 from msopt.generate import generate
-from msopt.gpu import (ThroughputMeter, compile_model, estimate_memory, fused_adamw_available, memory_report,
-                       model_flops_per_token, peak_flops, precision_context)
+from msopt.gpu import (
+    ThroughputMeter,
+    compile_model,
+    estimate_memory,
+    fused_adamw_available,
+    memory_report,
+    model_flops_per_token,
+    peak_flops,
+    precision_context,
+)
 from msopt.losses import clm_loss
 from msopt.models import GPT, GPTConfig
 from msopt.train import TrainConfig, Trainer, latest_checkpoint, load_checkpoint
@@ -141,6 +149,8 @@ def test_throughput_meter_reports_mfu_on_the_gpu():
         with meter.step(8 * 256):
             with precision_context("bf16", "cuda"):
                 loss = clm_loss(m(x[:, :-1]), x[:, 1:])
-            loss.backward(); opt.step(); opt.zero_grad()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
     s = meter.summary()
     assert s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1

@@ -9,9 +9,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from msopt.data import (BPE, GENRES, SPECIAL_TOKENS, Blocks, Document, RandomBlocks, clean_text, corpus_card,
-                        encode_documents, from_hf_dataset, load_corpus, load_tokenizer, load_tokens, pack,
-                        sample_documents, save_tokens, split_documents, to_hf_dataset, train_tokenizer)
+from msopt.data import (
+    BPE,
+    GENRES,
+    SPECIAL_TOKENS,
+    Blocks,
+    Document,
+    RandomBlocks,
+    clean_text,
+    corpus_card,
+    encode_documents,
+    from_hf_dataset,
+    load_corpus,
+    load_tokenizer,
+    load_tokens,
+    pack,
+    sample_documents,
+    save_tokens,
+    split_documents,
+    to_hf_dataset,
+    train_tokenizer,
+)
 
 FOLIO = {  # the genre table of scripts/build_corpus.py, spelled out again so that a change to either is noticed
     "comedy": {"tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor", "measure_for_measure",

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from msopt.losses import clm_loss
 from msopt.models import GPT, GPTConfig
-from safetensors.torch import load_file
-
 from msopt.train import TrainConfig, Trainer, full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 
 V, T, B = 64, 16, 8

@@ -7,8 +7,8 @@ import torch
 from msopt.data import Blocks, RandomBlocks, as_tokenizer, train_tokenizer
 from msopt.losses import clm_loss
 from msopt.models import GPT, Encoder, GPTConfig
-from msopt.pipeline import Pipeline
 from msopt.objectives import MLMBatchLoss, PriorityMLMBatchLoss, weighted_clm_batch_loss
+from msopt.pipeline import Pipeline
 from msopt.stages import DomainAdapt
 from msopt.terms import key_terms, term_losses, term_token_mask
 
@@ -150,7 +150,8 @@ def test_weighted_clm_batch_loss():
     torch.manual_seed(0)
     logits, y = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
     w = torch.rand(2, 5) + 0.5
-    model = lambda x: logits
+    def model(x):
+        return logits
     assert torch.isclose(weighted_clm_batch_loss(model, (y, y, w)), clm_loss(logits, y, weights=w))
     assert torch.isclose(weighted_clm_batch_loss(model, (y, y)), clm_loss(logits, y))
 
@@ -200,8 +201,9 @@ def test_domain_adapt_reports_before_and_after(tok, tmp_path):
 def test_domain_adapt_weights_change_training(tok, tmp_path):
     train, val = _data(tok)
     m1, m3 = _model(tok), _model(tok)
-    DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=1.0, **{**KW, "steps": 5}).run(m1, tmp_path / "a")
-    DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=5.0, **{**KW, "steps": 5}).run(m3, tmp_path / "b")
+    for weight, m, out in ((1.0, m1, "a"), (5.0, m3, "b")):
+        DomainAdapt(train, val, keywords=["king"], tokenizer=tok, term_weight=weight, **{**KW, "steps": 5}).run(
+            m, tmp_path / out)
     m0 = _model(tok)
     DomainAdapt(train, val, **{**KW, "steps": 5}).run(m0, tmp_path / "c")            # keywords=None: plain
     assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))

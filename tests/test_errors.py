@@ -8,9 +8,9 @@ from msopt.data import RandomBlocks, load_corpus, pack, split_documents, train_t
 from msopt.generate import generate
 from msopt.metrics import accuracy, bleu, compute, rouge
 from msopt.models import GPT, GPTConfig
+from msopt.objectives import mask_tokens
 from msopt.optim import build_optimizer, build_schedule
 from msopt.pipeline import Pipeline
-from msopt.objectives import mask_tokens
 from msopt.stages import DomainAdapt, FineTune, Pretrain
 from msopt.tasks import genre_task
 from msopt.train import TrainConfig, Trainer

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from msopt.data import load_corpus, train_tokenizer
-from msopt.models import GPT, GPTConfig, LSTMLM
-from msopt.data import TensorBatches
+from msopt.data import TensorBatches, load_corpus, train_tokenizer
 from msopt.heads import SequenceClassifier, feature_width, predict_labels
+from msopt.models import GPT, LSTMLM, GPTConfig
 from msopt.objectives import classify_batch_loss
 from msopt.stages import FineTune
 from msopt.stages.finetune import answer_exact_match

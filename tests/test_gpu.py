@@ -4,11 +4,32 @@ import pytest
 import torch
 from torch import nn
 
-from msopt.gpu import (DistInfo, PEAK_TFLOPS, ThroughputMeter, checkpoint_blocks, compile_model, data_parallel,
-                       dist_info, distribute_like, estimate_memory, flops_per_token, full_tensor, fused_adamw_available,
-                       grad_scaler, init_distributed, is_sharded, make_strategy, memory_report,
-                       model_flops_per_token, no_sync, peak_flops, precision_context, resolve_distributed, shard_batch,
-                       tf32)
+from msopt.gpu import (
+    PEAK_TFLOPS,
+    DistInfo,
+    ThroughputMeter,
+    checkpoint_blocks,
+    compile_model,
+    data_parallel,
+    dist_info,
+    distribute_like,
+    estimate_memory,
+    flops_per_token,
+    full_tensor,
+    fused_adamw_available,
+    grad_scaler,
+    init_distributed,
+    is_sharded,
+    make_strategy,
+    memory_report,
+    model_flops_per_token,
+    no_sync,
+    peak_flops,
+    precision_context,
+    resolve_distributed,
+    shard_batch,
+    tf32,
+)
 from msopt.losses import clm_loss
 from msopt.models import GPT, GPTConfig
 
@@ -175,7 +196,9 @@ def test_dist_info_and_resolve(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert dist_info() == DistInfo(0, 0, 1) and dist_info().main
     assert resolve_distributed("auto") == "none" and resolve_distributed("fsdp") == "none"
-    monkeypatch.setenv("WORLD_SIZE", "4"); monkeypatch.setenv("RANK", "3"); monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert dist_info() == DistInfo(3, 1, 4) and not dist_info().main
     assert resolve_distributed("auto") == "ddp" and resolve_distributed("fsdp") == "fsdp"
     assert resolve_distributed("none") == "none"

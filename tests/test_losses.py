@@ -56,21 +56,24 @@ def test_clm_loss_weights():
     dropped = targets.masked_fill(keep == 0, -100)
     assert torch.allclose(clm_loss(logits, targets, weights=keep), clm_loss(logits, dropped), atol=1e-6)
     # weights on ignored positions do not count
-    masked = targets.clone(); masked[:, 0] = -100
+    masked = targets.clone()
+    masked[:, 0] = -100
     w = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) + 0.1
     nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), masked.view(-1), reduction="none").view(B, T)
     counted = (masked != -100).float()
     ref = (w * counted * nll).sum() / (w * counted).sum()
     assert torch.allclose(clm_loss(logits, masked, weights=w), ref, atol=1e-6)
     # up-weighting one token moves the loss towards that token's NLL
-    w2 = torch.ones(B, T); w2[1, 2] = 1e6
+    w2 = torch.ones(B, T)
+    w2[1, 2] = 1e6
     assert math.isclose(clm_loss(logits, targets, weights=w2).item(), nll[1, 2].item(), rel_tol=1e-3)
 
 
 def test_clm_loss_gradient_matches_cross_entropy():
     logits, targets = batch(seed=5)
     V = logits.shape[-1]
-    a = logits.clone().requires_grad_(); b = logits.clone().requires_grad_()
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
     clm_loss(a, targets).backward()
     F.cross_entropy(b.view(-1, V), targets.view(-1)).backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-7)
@@ -183,7 +186,9 @@ def sgd_step(net, lam, penalty, skip_1d):
     loss = F.cross_entropy(net(x), y)
     if penalty:
         loss = loss + lam * l2_penalty(net, skip_1d=skip_1d)
-    opt.zero_grad(); loss.backward(); opt.step()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
     return [p.detach().clone() for p in net.parameters()]
 
 

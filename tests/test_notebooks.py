@@ -1,4 +1,4 @@
-"""Execute every chapter in the tiny profile, as CI does: a failure names the chapter; wall times are listed at the end."""
+"""Execute every chapter in the tiny profile, as CI does: a failure names the chapter; wall times are listed last."""
 import sys
 from pathlib import Path
 

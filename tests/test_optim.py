@@ -8,9 +8,25 @@ from hypothesis import strategies as st
 from torch import nn
 
 from msopt.models import GPT, GPTConfig
-from msopt.optim import (NS_COEFFICIENTS, OPTIMIZERS, SCHEDULES, SGD, Adam, Muon, adam_update, build_optimizer,
-                         build_schedule, gd_step, lr_range_test, muon_param_groups, newton_schulz, newton_step,
-                         param_groups, suggest_lr, warmup_cosine)
+from msopt.optim import (
+    NS_COEFFICIENTS,
+    OPTIMIZERS,
+    SCHEDULES,
+    SGD,
+    Adam,
+    Muon,
+    adam_update,
+    build_optimizer,
+    build_schedule,
+    gd_step,
+    lr_range_test,
+    muon_param_groups,
+    newton_schulz,
+    newton_step,
+    param_groups,
+    suggest_lr,
+    warmup_cosine,
+)
 
 torch.manual_seed(0)
 X = torch.randn(256, 10)
@@ -92,7 +108,8 @@ def test_muon_matches_torch_muon_on_matrices(shape, nesterov, wd):
     for _ in range(5):
         g = torch.randn(*shape)
         a.grad, b.grad = g.clone(), g.clone()
-        ours.step(); ref.step()
+        ours.step()
+        ref.step()
     assert torch.equal(a, b)
 
 
@@ -132,12 +149,12 @@ def test_newton_schulz_orthogonalizes_and_matches_torch():
     torch.manual_seed(0)
     for shape in [(32, 96), (96, 32)]:
         G = torch.randn(*shape)
-        O = newton_schulz(G)
-        assert O.shape == G.shape and O.dtype == torch.bfloat16
-        sv = torch.linalg.svdvals(O.float())
+        orth = newton_schulz(G)
+        assert orth.shape == G.shape and orth.dtype == torch.bfloat16
+        sv = torch.linalg.svdvals(orth.float())
         assert sv.min() > 0.5 and sv.max() < 1.3
         from torch.optim._muon import _zeropower_via_newtonschulz
-        assert torch.equal(O, _zeropower_via_newtonschulz(G, NS_COEFFICIENTS, 5, 1e-7))
+        assert torch.equal(orth, _zeropower_via_newtonschulz(G, NS_COEFFICIENTS, 5, 1e-7))
     assert newton_schulz(torch.randn(8, 8), dtype=torch.float32).dtype == torch.float32
     with pytest.raises(ValueError, match="2-D"):
         newton_schulz(torch.randn(3, 4, 5))
@@ -163,7 +180,8 @@ def test_newton_logistic_regression_matches_lbfgs():
     torch.manual_seed(0)
     Xd = torch.cat([torch.randn(200, 3, dtype=torch.float64), torch.ones(200, 1, dtype=torch.float64)], 1)
     y = (torch.rand(200, dtype=torch.float64) < torch.sigmoid(Xd @ torch.randn(4, dtype=torch.float64))).double()
-    loss = lambda w: F.binary_cross_entropy_with_logits(Xd @ w, y) + 5e-4 * w.pow(2).sum()
+    def loss(w):
+        return F.binary_cross_entropy_with_logits(Xd @ w, y) + 5e-4 * w.pow(2).sum()
     w = torch.zeros(4, dtype=torch.float64)
     for _ in range(8):
         w = newton_step(loss, w)
@@ -171,7 +189,10 @@ def test_newton_logistic_regression_matches_lbfgs():
     opt = torch.optim.LBFGS([v], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")
     def closure():
-        opt.zero_grad(); out = loss(v); out.backward(); return out
+        opt.zero_grad()
+        out = loss(v)
+        out.backward()
+        return out
     opt.step(closure)
     assert torch.allclose(w, v.detach(), atol=1e-7)
 
@@ -284,9 +305,11 @@ def test_trainer_resumes_exactly_with_built_optimizer(name, tmp_path):
         g = torch.Generator().manual_seed(i)
         x = torch.randint(0, 50, (4, 16), generator=g)
         return x, (x + 1) % 50
-    loss_fn = lambda m, b: clm_loss(m(b[0]), b[1])
+    def loss_fn(m, b):
+        return clm_loss(m(b[0]), b[1])
     lr = {"sgd": 0.1, "adamw": 3e-3, "muon": 0.02}[name]
-    cfg = lambda: TrainConfig(steps=8, lr=lr, warmup_steps=2, progress=False, ckpt_every=2)
+    def cfg():
+        return TrainConfig(steps=8, lr=lr, warmup_steps=2, progress=False, ckpt_every=2)
     def trainer(out=None):
         model = gpt()
         return Trainer(model, loss_fn, data, cfg(), out_dir=out, optimizer=build_optimizer(model, name, lr=lr))
@@ -337,7 +360,8 @@ def test_schedules_match_torch_schedulers(name, ours, ref):
     sched = ref(opt)
     for t in range(50):
         assert fn(t) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
 
 
 @settings(max_examples=60, deadline=None)
@@ -375,7 +399,8 @@ def test_lr_range_test_and_suggestion():
     def batch(i):
         rows = torch.arange(i * 32, (i + 1) * 32) % len(X)
         return X[rows], Y[rows]
-    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
     lrs, losses = lr_range_test(net, loss_fn, batch, start_lr=1e-4, end_lr=1e3, steps=80)
     assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))
     assert len(lrs) == len(losses) < 80                                       # it stopped when the loss blew up

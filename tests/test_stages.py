@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from msopt.models import GPT, GPTConfig
@@ -85,7 +84,8 @@ def test_other_data_of_the_same_length_is_not_reused(tmp_path):
 
 
 def test_a_change_upstream_reruns_the_stages_below(tmp_path):
-    two = lambda lr: [Pretrain("clm", **{**KW, "lr": lr}), Pretrain("clm", **{**KW, "steps": 10, "name": "second"})]
+    def two(lr):
+        return [Pretrain("clm", **{**KW, "lr": lr}), Pretrain("clm", **{**KW, "steps": 10, "name": "second"})]
     Pipeline(two(3e-3), tmp_path).run(model())
     rep = Pipeline(two(1e-2), tmp_path).run(model(), on_change="rerun")
     assert [r["skipped"] for r in rep.rows] == [False, False]      # the second stage's input changed
@@ -225,10 +225,14 @@ def test_stage_template_calls_its_parts_in_order():
     class Probe(Stage):
         kind = "probe"
         def data(self): return (TRAIN,)
-        def wrap(self, m): calls.append("wrap"); return m
+        def wrap(self, m):
+            calls.append("wrap")
+            return m
         def prepare(self, net): calls.append("prepare")
         def check(self, net): calls.append("check")
-        def measure(self, net): calls.append("measure"); return {"n": len(calls)}
+        def measure(self, net):
+            calls.append("measure")
+            return {"n": len(calls)}
         def loss_fn(self, net): return clm_batch_loss
         def train_data(self, net):
             from msopt.data import RandomBlocks
@@ -295,7 +299,8 @@ def test_word_start_table():
 
 def test_pretrain_mlm_trains_an_encoder(tmp_path):
     "Runs of one repeated token: a masked token is the one its unmasked neighbours show, from either side."
-    runs = lambda n, seed: np.repeat(np.random.default_rng(seed).integers(3, V, n // 8), 8).astype(np.uint16)
+    def runs(n, seed):
+        return np.repeat(np.random.default_rng(seed).integers(3, V, n // 8), 8).astype(np.uint16)
     torch.manual_seed(0)
     enc = Encoder(GPTConfig.tiny(V, n_layer=1, n_embd=32, n_head=2, block_size=16))
     kw = {**KW, "train": runs(4000, 0), "val": runs(600, 1), "steps": 150, "batch_size": 16, "lr": 1e-2}

@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from msopt.core import lm_logits, to_model_device
-from msopt.train import (Callback, CheckpointError, History, NonFiniteLossError, TrainConfig, Trainer,
-                         latest_checkpoint, load_checkpoint, save_checkpoint)
+from msopt.train import (
+    Callback,
+    CheckpointError,
+    History,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 V, T, B = 16, 12, 8
 
