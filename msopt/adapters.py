@@ -161,8 +161,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        check_int(r, "LoRA rank r")
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         for p in base.parameters():
             p.requires_grad_(False)

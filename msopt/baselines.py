@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .core import check_int
+
 
 def _as_ids(ids, vocab_size: int, name: str) -> np.ndarray:
     "`ids` as a non-empty 1-D int64 array of token ids in [0, vocab_size), or a one-line ValueError."
@@ -44,8 +46,7 @@ class NGramLM:
     """
 
     def __init__(self, order: int = 3, discount: float = 0.75, method: str = "kneser-ney", k: float = 1.0):
-        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
-            raise ValueError(f"order must be an int >= 1 (1 = unigram, 3 = trigram), got {order!r}")
+        check_int(order, "order")
         if method not in ("kneser-ney", "add-k"):
             raise ValueError(f"unknown method {method!r}: choose 'kneser-ney' or 'add-k'")
         if not 0 < discount < 1:
@@ -64,8 +65,7 @@ class NGramLM:
 
         A j-gram is stored as the key ctx * V + w, ctx the index of its (j-1)-token prefix in the sorted keys of
         order j-1 (0 for the empty prefix), so that every order is one sorted int64 array."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        check_int(vocab_size, "vocab_size")
         V, ids = int(vocab_size), _as_ids(ids, vocab_size, "ids")
         if len(ids) < self.order:
             raise ValueError(f"ids has {len(ids)} tokens, fewer than order={self.order}; fit on more text")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import check_int
+
 # %% auto #0
 __all__ = ['token_nll', 'clm_loss', 'mtp_loss', 'perplexity', 'l2_penalty', 'unigram_baseline']
 
@@ -150,8 +152,7 @@ def unigram_baseline(train_ids, val_ids, vocab_size: int, alpha: float = 1.0) ->
 
     p(v) = (count(v) + alpha) / (N + alpha * V): the best loss a model that ignores the context can expect.
     alpha = 0 is the unsmoothed estimate, under which an id unseen in training makes the result inf."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    check_int(vocab_size, "vocab_size")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     train, val = _as_ids(train_ids, "train_ids", vocab_size), _as_ids(val_ids, "val_ids", vocab_size)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import check_int
+
 AVERAGES = ("macro", "micro", None)
 
 
@@ -145,8 +147,7 @@ def calibration_bins(probs, labels, n_bins: int = 15) -> dict:
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2:
         raise ValueError(f"probs must be (N, C) class probabilities, got shape {probs.shape}: apply softmax first")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    check_int(n_bins, "n_bins")
     if probs.size and (probs.min() < 0 or not np.allclose(probs.sum(1), 1.0, atol=1e-4)):
         raise ValueError("probs rows must be probabilities summing to 1: apply softmax to the logits first")
     conf, pred = probs.max(1), probs.argmax(1)
@@ -402,8 +403,7 @@ def sliding_window_nll(model: nn.Module, ids, seq_len: int, stride: int | None =
     first window that reaches it, so it sees at least `seq_len - stride` tokens of context (fewer only at the start)."""
     ids = _token_ids(ids)
     stride = seq_len if stride is None else stride
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_int(seq_len, "seq_len")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= seq_len:
         raise ValueError(f"stride must be an int in [1, seq_len={seq_len}], got {stride!r}")
     n = len(ids)
@@ -438,8 +438,7 @@ def sliding_window_nll(model: nn.Module, ids, seq_len: int, stride: int | None =
 
 def bits_per_byte(total_nll: float, n_bytes: int) -> float:
     "Bits per byte: a summed negative log-likelihood in nats over the UTF-8 length of the text it scored."
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (int, np.integer)) or n_bytes < 1:
-        raise ValueError(f"n_bytes must be a positive int (the UTF-8 length of the text), got {n_bytes!r}")
+    check_int(n_bytes, "n_bytes")
     return float(total_nll / (math.log(2) * n_bytes))
 
 
@@ -491,8 +490,7 @@ def bootstrap_interval(values, groups=None, n_boot: int = 2000, level: float = 0
     one row per training seed or label draw: then the rows are resampled too, and `stat` sees the chosen cells."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95 for a 95 % interval, got {level!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int (2000 is usual), got {n_boot!r}")
+    check_int(n_boot, "n_boot")
     v, gid = _bootstrap_units(values, groups)
     (n_draws, _), n_groups = v.shape, int(gid.max()) + 1
     if stat is np.mean:                                                            # per (draw, group) sums suffice

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .core import check_int
+
 # %% auto #0
 __all__ = ['NS_COEFFICIENTS', 'OPTIMIZERS', 'SCHEDULES', 'gd_step', 'SGD', 'newton_step', 'adam_update', 'Adam',
            'newton_schulz', 'Muon', 'param_groups', 'muon_param_groups', 'build_optimizer', 'warmup_cosine',
@@ -304,8 +306,7 @@ def build_schedule(name: str, steps: int, warmup_steps: int = 0, min_lr_ratio: f
     if unknown:
         raise ValueError(f"schedule {name!r} takes no option {unknown[0]!r}: its options are "
                          f"{sorted(SCHEDULES[name]) or 'none'}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_int(steps, "steps")
     if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
         raise ValueError(f"warmup_steps must be an int in [0, steps={steps}], got {warmup_steps!r}")
     if not 0 <= min_lr_ratio <= 1:
@@ -337,8 +338,7 @@ def build_schedule(name: str, steps: int, warmup_steps: int = 0, min_lr_ratio: f
                              f"shorten the warmup or the decay_frac")
 
     def multiplier(step: int) -> float:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_int(step, "step", minimum=0)
         t = step
         if name == "slanted_triangular":
             q = t / cut if t < cut else max(0.0, 1 - (t - cut) / (cut * (1 / o["cut_frac"] - 1)))

@@ -100,7 +100,7 @@ def test_training_nll_falls_with_order():
 
 def test_errors():
     ids = np.array([0, 1, 2, 1])
-    with pytest.raises(ValueError, match="order must be an int >= 1"):
+    with pytest.raises(ValueError, match="order must be a positive int"):
         NGramLM(order=0)
     for d in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"discount must be in \(0, 1\)"):
