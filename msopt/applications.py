@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 from .data import Document
+from .tasks import speeches
 
 
 def load_bible(books: Sequence[str] | None = None) -> list[dict]:
@@ -52,25 +53,13 @@ def translation_pairs(rows: Sequence[dict], test_books: Sequence[str] = ("Philip
 __all__ = ['load_bible', 'translation_pairs', 'speaker_turns', 'sonnets']
 
 # %% ../nbs/17_applications.ipynb #b79ea5dc
-_SPEAKER = re.compile(r"^([A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,2})\.$")
-
-
 def speaker_turns(doc: Document | str) -> list[tuple[str, str]]:
-    """(speaker, first line of the speech) for every speech of a play in the bundled Gutenberg format, where a
-    speech starts with the abbreviated speaker name alone on a line ('Ham.'); stage directions in [ ] and the list of
-    persons before 'ACT I' are skipped."""
+    """(speaker, first line of the speech) for every speech of a play in the bundled Gutenberg format (the speeches
+    of `msopt.tasks.speeches`, which skips stage directions in [ ]), from 'ACT I' on: the list of persons before it
+    is not dialogue."""
     text = doc.text if isinstance(doc, Document) else doc
     start = re.search(r"^ACT I\b", text, re.M | re.I)                     # skip the list of persons before act 1
-    turns, speaker = [], None
-    for line in text[start.start() if start else 0:].splitlines():
-        line = line.strip()
-        m = _SPEAKER.match(line)
-        if m and not line.upper().startswith(("ACT ", "SCENE ")):
-            speaker = m.group(1)
-        elif speaker and line and not line.startswith("["):
-            turns.append((speaker, line))
-            speaker = None
-    return turns
+    return [(speaker, lines[0]) for speaker, lines in speeches(text[start.start() if start else 0:])]
 
 # %% ../nbs/17_applications.ipynb #5ee4cd5a
 def sonnets(doc: Document | str) -> list[tuple[list[str], list[str]]]:
