@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import check_int
+from .data import as_tokenizer
 
 AVERAGES = ("macro", "micro", None)
 
@@ -125,7 +126,7 @@ __all__ = ['AVERAGES', 'SMOOTHING', 'METRICS', 'accuracy', 'confusion_matrix', '
            'plot_confusion', 'classification_report', 'calibration_bins', 'expected_calibration_error', 'tokenize_13a',
            'BleuScore', 'bleu', 'tokenize_rouge', 'lcs_length', 'RougeScore', 'rouge_pair', 'rouge', 'normalize_answer',
            'exact_match', 'token_f1', 'compute', 'sliding_window_nll', 'bits_per_byte', 'evaluate_lm',
-           'bootstrap_interval', 'paired_bootstrap_diff']
+           'text_bits_per_byte', 'bootstrap_interval', 'paired_bootstrap_diff']
 
 # %% ../nbs/12_evaluation.ipynb #56beb13a
 def classification_report(preds, labels, names: Sequence[str] | None = None) -> dict:
@@ -451,6 +452,23 @@ def evaluate_lm(model: nn.Module, ids, seq_len: int, stride: int | None = None, 
     if n_bytes is not None:
         out["bpb"] = bits_per_byte(total, n_bytes)
     return out
+
+
+def text_bits_per_byte(model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int, stride: int | None = None,
+                       batch_size: int = 8) -> dict:
+    """Bits per byte of `texts` under the causal LM `model` with its `tokenizer`: each text scored on its own, every
+    one of its tokens predicted (from the tokenizer's end-of-text id before the first), with `sliding_window_nll`.
+    Comparable across tokenizers: {'bpb', 'loss' (nats per token), 'tokens', 'bytes'}."""
+    tok = as_tokenizer(tokenizer)
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings: pass the evaluation segments")
+    start = tok.eos_id if tok.eos_id is not None else tok.pad_id
+    total, n = 0.0, 0
+    for ids in tok.encode_batch(list(texts)):
+        nll, k = sliding_window_nll(model, [start] + ids, seq_len, stride, batch_size)
+        total, n = total + nll, n + k
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"bpb": bits_per_byte(total, n_bytes), "loss": total / n, "tokens": n, "bytes": n_bytes}
 
 # %% ../nbs/12_evaluation.ipynb #b990ef01
 def _bootstrap_units(values, groups) -> tuple[np.ndarray, np.ndarray]:

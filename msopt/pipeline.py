@@ -38,7 +38,7 @@ class Report:
         """A Markdown table, one row per stage: steps, tokens, losses and perplexity, then every other number a stage
         reported (accuracy, key-term loss, ...), then time and whether the stage was skipped."""
         rows = self.rows
-        first = ["stage", "steps", "tokens", "train_loss", "val_loss", "val_ppl", "best_step"]
+        first = ["stage", "steps", "tokens", "train_loss", "val_loss_before", "val_loss", "val_ppl", "best_step"]
         extra = sorted({k for r in rows for k, v in r.items()
                         if k not in first + ["time_s", "skipped"] and isinstance(v, (int, float)) and v is not None})
         cols = first + extra + ["time_s", "skipped"]

@@ -19,8 +19,8 @@ from .data import Document, as_tokenizer, load_corpus
 TEMPLATES = ("plain", "chat")
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'PLAIN_TEMPLATE', 'encode_texts', 'LabelledTexts', 'TaskData', 'genre_task', 'format_prompt',
-           'encode_sft', 'speeches', 'instruction_task']
+__all__ = ['TEMPLATES', 'PLAIN_TEMPLATE', 'encode_texts', 'LabelledTexts', 'TaskData', 'split_works', 'genre_task',
+           'format_prompt', 'encode_sft', 'speeches', 'instruction_task']
 
 # %% ../nbs/08_finetuning.ipynb #8283f17a
 def encode_texts(tokenizer, texts: Sequence[str], seq_len: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,14 +42,18 @@ def encode_texts(tokenizer, texts: Sequence[str], seq_len: int = 128) -> tuple[t
 
 @dataclass
 class LabelledTexts:
-    "Texts with class labels: `labels[i]` indexes `names`."
+    """Texts with class labels: `labels[i]` indexes `names`; `groups[i]` (optional) names the unit text `i` comes
+    from (e.g. its play), which is what varies between data sets and what intervals should resample."""
     texts: list[str]
     labels: list[int]
     names: list[str]
+    groups: list[str] | None = None
 
     def __post_init__(self):
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels: give one label per text")
+        if self.groups is not None and len(self.groups) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.groups)} groups: give one group per text")
         bad = [y for y in self.labels if not 0 <= int(y) < len(self.names)]
         if bad:
             raise ValueError(f"label {bad[0]!r} is not a class of names={self.names}: labels must be in "
@@ -72,9 +76,10 @@ class TaskData:
     works: dict
 
 
-def _split_works(docs: Sequence[Document], key: str, val_fraction: float, test_fraction: float,
-                 seed: int) -> dict[str, list[Document]]:
-    "Works of each value of `key` (e.g. genre) shuffled with `seed` and dealt into train / val / test by fraction."
+def split_works(docs: Sequence[Document], key: str = "genre", val_fraction: float = 0.2, test_fraction: float = 0.2,
+                seed: int = 0) -> dict[str, list[Document]]:
+    """{'train', 'val', 'test'} -> documents: the works of each value of `key` (e.g. genre) shuffled with `seed` and
+    dealt by fraction, so that no work is in two splits and every split has every value."""
     rng, parts = random.Random(seed), {"train": [], "val": [], "test": []}
     for value in sorted({getattr(d, key) for d in docs}):
         group = [d for d in docs if getattr(d, key) == value]
@@ -90,38 +95,68 @@ def _split_works(docs: Sequence[Document], key: str, val_fraction: float, test_f
     return parts
 
 
+_SPEAKER = re.compile(r"^((?:\d+ )?[A-Z][A-Za-z'&-]*\.?(?: [A-Z][A-Za-z'&-]*\.?){0,3})\.$")  # "Ham.", "1 Servant."
+_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\b")
+
+
+def _passage_lines(text: str, drop_speakers: bool) -> list[str]:
+    "The non-blank lines of a play; without speaker names, act and scene headings, stage directions if `drop_speakers`."
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if drop_speakers:
+        lines = [ln for ln in lines if not (_SPEAKER.match(ln) or _HEADING.match(ln) or ln.startswith("["))]
+    return lines
+
+
 def genre_task(tokenizer=None, seq_len: int = 128, per_class: int = 200,
-               genres: Sequence[str] = ("comedy", "tragedy", "history"),
-               seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2, lines: int = 8,
-               eval_per_class: int | None = None) -> TaskData:
-    """The genre of a passage of Shakespeare: `lines` consecutive non-blank lines of one play, labelled by the play's
-    genre. Plays are split BY WORK (no play in two splits, `val_fraction` / `test_fraction` of each genre's plays);
-    train has `per_class` passages per genre, val and test `eval_per_class` (default `per_class // 2`), drawn evenly
-    over the split's plays. With `tokenizer`, whole lines are dropped from a passage's end until it fits `seq_len`
-    tokens. Deterministic given `seed`."""
+               genres: Sequence[str] = ("comedy", "tragedy", "history"), seed: int = 0, val_fraction: float = 0.2,
+               test_fraction: float = 0.2, lines: int = 8, eval_per_class: int | None = None,
+               works: dict[str, Sequence[str]] | None = None, drop_speakers: bool = True) -> TaskData:
+    """The genre of a passage of Shakespeare: `lines` consecutive lines of one play, labelled by the play's genre.
+
+    Plays are split BY WORK (no play in two splits): `val_fraction` / `test_fraction` of each genre's plays, or the
+    given `works` ({'train', 'val', 'test'} -> work ids). Train has `per_class` passages per genre, val and test
+    `eval_per_class` (default `per_class // 2`), dealt evenly over the split's plays; within a play the passages do
+    not overlap. With `drop_speakers`, speaker names ('HAMLET.') and stage directions ('[Exit.]') are left out, so
+    that a passage shows its genre by its words rather than by who speaks. `groups` holds each passage's play. With
+    `tokenizer`, whole lines are dropped from a passage's end until it fits `seq_len` tokens. Deterministic given
+    `seed`."""
     genres = list(genres)
     if len(genres) < 2:
         raise ValueError(f"genres={genres} names fewer than 2 classes: give two or more of comedy, tragedy, history, "
                          "poem")
     check_int(per_class, "per_class")
     check_int(lines, "lines")
-    eval_per_class = max(1, per_class // 2) if eval_per_class is None else eval_per_class
-    parts = _split_works(load_corpus("shakespeare", genres=genres), "genre", val_fraction, test_fraction, seed)
+    eval_per_class = max(1, per_class // 2) if eval_per_class is None else check_int(eval_per_class, "eval_per_class")
+    docs = load_corpus("shakespeare", genres=genres)
+    if works is None:
+        parts = split_works(docs, "genre", val_fraction, test_fraction, seed)
+    else:
+        by_id = {d.id: d for d in docs}
+        unknown = [w for split in works.values() for w in split if w not in by_id]
+        if unknown or set(works) != {"train", "val", "test"}:
+            raise ValueError(f"works must map 'train', 'val' and 'test' to plays of the genres {genres}; got keys "
+                             f"{sorted(works)} and unknown ids {unknown[:3]}")
+        parts = {split: [by_id[w] for w in works[split]] for split in ("train", "val", "test")}
     splits = {}
-    for s, (split, works) in enumerate(parts.items()):
+    for s, (split, split_docs) in enumerate(parts.items()):
         rng = np.random.default_rng([seed, s])
-        texts, labels = [], []
+        texts, labels, groups = [], [], []
         for label, genre in enumerate(genres):
-            plays = [[ln for ln in d.text.split("\n") if ln.strip()] for d in works if d.genre == genre]
+            plays = [(d.id, _passage_lines(d.text, drop_speakers)) for d in split_docs if d.genre == genre]
+            if not plays:
+                raise ValueError(f"the {split} split has no {genre} play: use fewer genres or other fractions")
+            starts = [list(rng.permutation(np.arange(0, len(ls) - lines, lines))) for _, ls in plays]
             for k in range(per_class if split == "train" else eval_per_class):
-                play = plays[k % len(plays)]
-                start = int(rng.integers(0, len(play) - lines))
-                texts.append("\n".join(play[start: start + lines]))
+                (play, ls), free = plays[k % len(plays)], starts[k % len(plays)]
+                start = int(free.pop()) if free else int(rng.integers(0, len(ls) - lines))
+                texts.append("\n".join(ls[start: start + lines]))
                 labels.append(label)
+                groups.append(play)
         if tokenizer is not None:
             texts = [_fit_lines(tokenizer, t, seq_len) for t in texts]
         order = rng.permutation(len(texts))
-        splits[split] = LabelledTexts([texts[i] for i in order], [labels[i] for i in order], genres)
+        splits[split] = LabelledTexts([texts[i] for i in order], [labels[i] for i in order], genres,
+                                      [groups[i] for i in order])
     return TaskData(**splits, works={k: [d.id for d in v] for k, v in parts.items()})
 
 
@@ -192,9 +227,6 @@ def encode_sft(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int = 128,
     return x, y
 
 # %% ../nbs/08_finetuning.ipynb #b3a58670
-_SPEAKER = re.compile(r"^([A-Z][A-Za-z'&-]*\.?(?: [A-Z][A-Za-z'&-]*\.?){0,3})\.$")  # "HAMLET.", "Ham.", "MRS. PAGE."
-
-
 def speeches(text: str) -> list[tuple[str, list[str]]]:
     "The speeches of a play's text in order, as (speaker, lines); a speech is a block that starts with `NAME.`."
     out = []

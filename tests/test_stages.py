@@ -172,9 +172,9 @@ def test_report_table_lists_every_number():
                StageReport("b", steps=2, best_step=1, time_s=0.2, after={"accuracy": 0.75, "confusion": [[1]]},
                            before={"accuracy": 0.5}, skipped=True)]
     table = Report(reports, []).table().splitlines()
-    assert table[0] == ("| stage | steps | tokens | train_loss | val_loss | val_ppl | best_step | accuracy | "
-                        "accuracy_before | trainable_params | time_s | skipped |")
-    assert table[3] == "| b | 2 | 0 |  |  |  | 1 | 0.75 | 0.5 | 0 | 0.2 | True |"
+    assert table[0] == ("| stage | steps | tokens | train_loss | val_loss_before | val_loss | val_ppl | best_step | "
+                        "accuracy | accuracy_before | trainable_params | time_s | skipped |")
+    assert table[3] == "| b | 2 | 0 |  |  |  |  | 1 | 0.75 | 0.5 | 0 | 0.2 | True |"
 
 
 def test_hf_model_through_a_stage(tmp_path):
