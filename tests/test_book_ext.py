@@ -1,5 +1,7 @@
 """The Sphinx extension that hides nbdev directives in the rendered book."""
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,3 +64,39 @@ def test_every_chapter_opens_with_a_colab_badge_and_a_colab_only_install_cell():
         assert install, f"{path.name}: no install cell among the first cells"
         body = src(install[0])
         assert 'if "google.colab" in sys.modules:' in body and body.lstrip().startswith("#| hide"), path.name
+
+
+def _normalized(name: str) -> str:
+    "A distribution name as the package index compares it (PEP 503)."
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirements(line: str) -> list[str]:
+    "The distribution names a `pip install ...` command line asks for (extras, versions and URLs left out)."
+    args = shlex.split(line.split("pip install", 1)[1].split("`")[0].split("#")[0])
+    return [re.match(r"[A-Za-z0-9._-]+", a).group(0) for a in args
+            if not a.startswith(("-", "@", "git+", "http")) and re.match(r"[A-Za-z0-9]", a)]
+
+
+def test_every_install_line_names_the_project():
+    """`msopt` on the package index is an unrelated project: every chapter's install cell, the landing page and the
+    README install the project's own distribution (the cells from the repository, with the book extra)."""
+    import tomllib
+    project = _normalized(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"])
+    assert project != "msopt"
+    src = lambda c: c["source"] if isinstance(c["source"], str) else "".join(c["source"])  # noqa: E731
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        for cell in cells:
+            for line in src(cell).splitlines():
+                if "!pip install" in line:                                    # a Colab install cell
+                    assert [_normalized(r) for r in _requirements(line)] == [project], (path.name, line)
+                    assert "[book] @ git+https://github.com/msopt/msopt" in line, (path.name, line)
+                elif path.stem == "index" and "pip install" in line:          # the landing page's instructions
+                    names = [_normalized(r) for r in _requirements(line)]
+                    assert names and all(n == project for n in names if n.startswith("msopt")), (path.name, line)
+    readme = [ln for ln in (ROOT / "README.md").read_text().splitlines() if "pip install" in ln]
+    assert readme
+    for line in readme:
+        names = [_normalized(r) for r in _requirements(line)]
+        assert all(n == project for n in names if n.startswith("msopt")), line
