@@ -49,8 +49,8 @@ from .tasks import encode_texts, genre_task
 from .terms import key_terms
 
 # %% auto #0
-__all__ = ['naming', 'RunBuilder', 'TrainedRun', 'save_final_model', 'load_run', 'rank_mirror', 'write_report',
-           'run_pipeline', 'generate_text', 'evaluate_text', 'evaluate_labelled', 'export_hf', 'parser', 'main']
+__all__ = ['naming', 'RunBuilder', 'TrainedRun', 'save_final_model', 'load_run', 'write_report', 'run_pipeline',
+           'generate_text', 'evaluate_text', 'evaluate_labelled', 'export_hf', 'parser', 'main']
 
 # %% ../nbs/19_command_line.ipynb #af528ba3
 _SEQ_LEN = inspect.signature(Stage.__init__).parameters["seq_len"].default
@@ -227,25 +227,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def rank_mirror(pipe: Pipeline, rank: int) -> Path:
-    """The directory in which process `rank` > 0 of a torchrun job runs `pipe`: its own files for what the pipeline
-    writes (stage.json, report.json, model.safetensors), and links to rank 0's checkpoints and best weights and to
-    the stages rank 0 finished. So every process resumes, reuses and trains the same stages, and only rank 0 writes
-    the run. Made anew at each start, while no process writes."""
-    mirror = pipe.out / ".ranks" / str(rank)
-    shutil.rmtree(mirror, ignore_errors=True)
-    for i in range(len(pipe.stages)):
-        src = pipe.stage_dir(i).resolve()
-        dst = mirror / src.name
-        dst.mkdir(parents=True)
-        finished = (src / "report.json").is_file()
-        present = {p.name for p in src.iterdir()} if src.is_dir() else set()
-        for name in sorted(present | {"ckpt", "best"}):
-            if not name.startswith(".") and not name.endswith(".tmp") and (finished or name != "model.safetensors"):
-                (dst / name).symlink_to(src / name)
-    return mirror
-
-
 def write_report(report: Report, out: Path) -> list[str]:
     "report.md (the table) and, when matplotlib imports, report.png (the curves); the names of the files written."
     (out / "report.md").write_text(report.table() + "\n")
@@ -295,18 +276,12 @@ def run_pipeline(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None]
         f"parameters; {info.world_size} process(es)")
     stages = builder.stages(callbacks=[MetricsLogger(out)])
     say("stages: " + " -> ".join(s.name for s in stages))
-    pipe = Pipeline(stages, out)
-    if not info.main:
-        pipe = Pipeline(stages, rank_mirror(pipe, info.rank))
-    _barrier()
-    report = pipe.run(model)
+    report = Pipeline(stages, out).run(model)
     if info.main:
         save_final_model(report.model, stages[-1], out)
         files = write_report(report, out)
         say(f"wrote {out}: {', '.join(files)}, metrics.jsonl, metrics.csv, model.safetensors, config.resolved.toml")
     _barrier()
-    if info.main and info.world_size > 1:
-        shutil.rmtree(out / ".ranks", ignore_errors=True)       # the other processes' copies: done with
     return report
 
 # %% ../nbs/19_command_line.ipynb #c602a249

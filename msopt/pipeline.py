@@ -11,10 +11,12 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from .core import check_choice, read_json, write_json
+from .core import check_choice, get_device, read_json, write_json
+from .gpu import dist_info, init_distributed
 from .stages.base import Stage, StageReport
 from .train import History
 
@@ -78,9 +80,16 @@ def _first_difference(old, new, path: str = "") -> str:
     return f"{path or 'value'}: {shorten(old)} -> {shorten(new)}"
 
 
+def _barrier() -> None:
+    "Wait for every process of a `torchrun` job (nothing to wait for in one process)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 class Pipeline:
     """Run `stages` in order on one model under the directory `out`; finished stages are reused on a rerun when
-    their description (configuration and data fingerprint) and those of the stages before them are unchanged."""
+    their description (configuration and data fingerprint) and those of the stages before them are unchanged.
+    Under `torchrun` every process runs every stage and rank 0 alone writes (the directory must be shared)."""
 
     def __init__(self, stages: list[Stage], out: str | os.PathLike):
         if not stages:
@@ -102,8 +111,12 @@ class Pipeline:
         `model` is the last stage's wrapped model. `fresh` discards earlier results; `on_change` says what to do
         with a finished stage whose description changed: 'error' (a one-line error) or 'rerun' (train it again)."""
         check_choice(on_change, "on_change", ("error", "rerun"))
-        if fresh and self.out.exists():
+        info = dist_info()
+        if info.world_size > 1:                                    # join the job now: the ranks agree on every file
+            init_distributed(get_device(self.stages[0].config.device).type)
+        if fresh and self.out.exists() and info.main:
             shutil.rmtree(self.out)
+        _barrier()
         reports, histories, key = [], [], ""
         for i, stage in enumerate(self.stages):
             d = self.stage_dir(i)
@@ -114,18 +127,23 @@ class Pipeline:
                     what = _first_difference(read_json(d / "stage.json"), desc)
                     raise ValueError(f"stage {i} ({stage.name}) in {d} was run with something else ({what}): pass "
                                      f"on_change='rerun' to train it and the stages after it again, or fresh=True")
-                shutil.rmtree(d)
+                if info.main:
+                    shutil.rmtree(d)
+                _barrier()
             if (d / "report.json").is_file():
                 done = read_json(d / "report.json")
                 report, history = StageReport.from_dict({**done["report"], "skipped": True}), History(done["history"])
                 model = stage.restore(model, d / "model.safetensors")
                 stage.history = history
             else:
-                write_json(d / "stage.json", desc)
+                if info.main:
+                    write_json(d / "stage.json", desc)
                 report = stage.run(model, d)
                 model, history = stage.model, stage.history
-                save_model(model, str(d / "model.safetensors"))
-                write_json(d / "report.json", {"report": report.to_dict(), "history": history.rows})
+                if info.main:
+                    save_model(model, str(d / "model.safetensors"))
+                    write_json(d / "report.json", {"report": report.to_dict(), "history": history.rows})
+                _barrier()
             reports.append(report)
             histories.append(history)
         return Report(reports, histories, model)

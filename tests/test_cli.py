@@ -320,7 +320,6 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
         assert a["tokens"] == b["tokens"]                                   # the same global batch
     ckpts = sorted(p.name for p in (tmp_path / "two/00-pretrain-clm/ckpt").iterdir())
     assert ckpts == ["step-00000004"]
-    assert not (tmp_path / "two/.ranks").exists()                        # rank 1's own copies, removed at the end
     one_model, two_model = load_run(tmp_path / "one").model, load_run(tmp_path / "two").model
     for (name, a), b in zip(one_model.state_dict().items(), two_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name                   # the final models agree too

@@ -18,6 +18,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from ..core import check_int, read_json, write_json
+from ..gpu import dist_info
 from ..losses import perplexity
 from ..models import count_params
 from ..train import Callback, History, TrainConfig, Trainer, latest_checkpoint
@@ -213,7 +214,7 @@ class Stage:
         if path is not None and path.is_file() and latest_checkpoint(Path(out_dir) / "ckpt") is not None:
             return read_json(path)
         before = self.measure(net)
-        if path is not None:
+        if path is not None and dist_info().main:
             write_json(path, before)
         return before
 
