@@ -14,6 +14,7 @@ import torch
 from .core import PROFILES, check_choice, pick, profile, run_dir
 from .data import Document, encode_documents, load_corpus, sample_documents, split_documents, train_tokenizer
 from .models import GPT, GPTConfig
+from .stages.domain import DomainAdapt
 from .stages.pretrain import Pretrain
 from .tasks import split_works
 
@@ -100,7 +101,8 @@ def book(name: str | None = None) -> Book:
     return Book(name or profile())
 
 # %% auto #0
-__all__ = ['BOOK_SIZES', 'PLAY_SPLIT', 'Book', 'book', 'general_pretraining']
+__all__ = ['BOOK_SIZES', 'PLAY_SPLIT', 'Book', 'book', 'general_pretraining', 'ADAPT_SIZES', 'chunk_spans',
+           'spread_chunks', 'k_label', 'domain_tokens', 'adaptation_recipe', 'domain_adaptation']
 
 # %% ../nbs/06_pretraining.ipynb #3f704555
 def general_pretraining(b: Book) -> Pretrain:
@@ -111,3 +113,66 @@ def general_pretraining(b: Book) -> Pretrain:
                     batch_size=s["batch"], steps=s["steps"], lr=s["lr"], warmup_steps=s["steps"] // 20,
                     eval_every=s["eval_every"], eval_batches=s["eval_batches"], ckpt_every=s["eval_every"],
                     keep_best=True, name="general-pretrain", log_every=10)
+
+# %% ../nbs/07_domain_adaptation.ipynb #a4cc5b99
+ADAPT_SIZES = {   # training on K domain tokens (chapter 07's arms; chapter 16 starts from the adapted model)
+    "tiny":  dict(batch=8,  lr=1e-3, scratch_lr=3e-3, epochs=4, max_steps=30,   patience=2),
+    "small": dict(batch=8,  lr=6e-4, scratch_lr=2e-3, epochs=4, max_steps=80,   patience=2),
+    "full":  dict(batch=16, lr=3e-4, scratch_lr=1e-3, epochs=8, max_steps=4000, patience=3),
+}
+
+
+def chunk_spans(n: int, n_tokens: int, chunk: int) -> np.ndarray:
+    """The [start, end) offsets, (k, 2), of `n_tokens` of `n` positions taken as k = round(n_tokens / chunk) runs of
+    consecutive positions (sizes differing by one at most) spread evenly: the first at 0, the last ending near n."""
+    if not 1 <= n_tokens <= n or chunk < 1:
+        raise ValueError(f"n_tokens={n_tokens} must be in [1, n={n}] and chunk={chunk} positive")
+    k = max(1, round(n_tokens / chunk))                                          # number of chunks
+    sizes = np.diff(np.round(np.linspace(0, n_tokens, k + 1)).astype(np.int64))  # (k,) summing to n_tokens
+    starts = np.round(np.linspace(0, n - sizes.max(), k)).astype(np.int64)       # (k,) evenly spaced
+    return np.stack([starts, starts + sizes], axis=1)
+
+
+def spread_chunks(ids, n_tokens: int, chunk: int) -> np.ndarray:
+    """`n_tokens` ids of `ids` as chunks of about `chunk` consecutive ids spread evenly over the whole stream
+    (`chunk_spans`); all of `ids` when `n_tokens` reaches its length."""
+    ids = np.asarray(ids)
+    if n_tokens >= len(ids):
+        return ids
+    return np.concatenate([ids[s:e] for s, e in chunk_spans(len(ids), n_tokens, chunk)])
+
+
+def k_label(K: int | None) -> str:
+    "A short name for a number of domain tokens: 'all' for None, '20k', '1500'."
+    return "all" if K is None else f"{K // 1000}k" if K % 1000 == 0 else str(K)
+
+
+def domain_tokens(b: Book, K: int | None = None) -> np.ndarray:
+    """`K` token ids of the train plays: chunks of four of the book's windows spread evenly over all of them
+    (`spread_chunks`); K=None: all of them."""
+    ids = b.ids(b.plays["train"])
+    return ids if K is None else spread_chunks(ids, K, 4 * b.sizes["seq_len"])
+
+
+def adaptation_recipe(b: Book, n_tokens: int) -> dict:
+    """The training recipe of a run on `n_tokens` domain tokens, as keyword arguments of a stage: the book's context,
+    the batch of `ADAPT_SIZES`, `epochs` passes over the tokens (at most `max_steps` steps), a short warmup and
+    cosine decay, about six evaluations on `eval_batches` batches of the dev plays, the best kept, early stopping after
+    `patience` evaluations without a gain."""
+    a, s = pick(ADAPT_SIZES, b.profile), b.sizes
+    steps = min(a["max_steps"], -(-a["epochs"] * n_tokens // (a["batch"] * s["seq_len"])))
+    return dict(seq_len=s["seq_len"], batch_size=a["batch"], steps=steps, lr=a["lr"], warmup_steps=max(1, steps // 10),
+                eval_every=-(-steps // 6), eval_batches=s["eval_batches"], keep_best=True,
+                patience=a["patience"], log_every=10)
+
+
+def domain_adaptation(b: Book, K: int | None = None, seed: int = 0, term_weight: float = 1.0,
+                      keywords: list[str] | None = None) -> DomainAdapt:
+    """The `DomainAdapt` stage of chapter 07's adapted arm: continued pretraining on `domain_tokens(b, K)` (K=None:
+    all the train plays), validated on the dev plays, with `adaptation_recipe`; with `keywords` (and the book's
+    tokenizer) their tokens count `term_weight` times as much. Its name is unique per (K, seed, term_weight): after
+    `general_pretraining(b)` in a `Pipeline` with `out=b.out`, it finds the run chapter 07 made."""
+    train = domain_tokens(b, K)
+    name = f"domain-adapt-{k_label(K)}-s{seed}" + (f"-w{term_weight:g}" if term_weight != 1 else "")
+    return DomainAdapt(train, b.ids(b.plays["val"]), keywords=keywords, tokenizer=b.tokenizer if keywords else None,
+                       term_weight=term_weight, seed=seed, name=name, **adaptation_recipe(b, len(train)))

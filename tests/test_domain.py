@@ -4,13 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from msopt.data import Blocks, RandomBlocks, as_tokenizer, train_tokenizer
+from msopt.book import chunk_spans, spread_chunks
+from msopt.data import Blocks, Document, RandomBlocks, as_tokenizer, train_tokenizer
 from msopt.losses import clm_loss
 from msopt.models import GPT, Encoder, GPTConfig
 from msopt.objectives import MLMBatchLoss, PriorityMLMBatchLoss, weighted_clm_batch_loss
 from msopt.pipeline import Pipeline
 from msopt.stages import DomainAdapt
-from msopt.terms import key_terms, term_losses, term_token_mask
+from msopt.terms import (
+    character_names,
+    key_terms,
+    proper_nouns,
+    spoken_text,
+    term_losses,
+    term_token_mask,
+    term_token_pieces,
+)
 
 
 def token_bytes(tok):
@@ -62,6 +71,42 @@ def test_key_terms_bad_input():
         key_terms(DOMAIN, GENERAL, min_count=10**6)
     with pytest.raises(TypeError, match="Documents or strings"):
         key_terms([1, 2], GENERAL)
+    with pytest.raises(ValueError, match="outside exclude"):
+        key_terms(DOMAIN, GENERAL, exclude={w for d in DOMAIN for w in d.replace(";", " ").replace(",", " ").split()})
+
+
+def test_key_terms_exclude():
+    terms = key_terms(DOMAIN, GENERAL, k=4)
+    without = key_terms(DOMAIN, GENERAL, k=4, exclude={"KING", terms[1]})           # any case
+    assert "king" in terms and "king" not in without and terms[1] not in without and len(without) == 4
+    assert [w for w in key_terms(DOMAIN, GENERAL, k=20) if w not in {"king", terms[1]}][:4] == without
+
+
+PLAY = ("THE TRAGEDY\n\nDramatis Personae\n\nKING RICHARD, a king\n\n"
+        "KING RICHARD.\nBolingbroke, thou art come to the king of Rome,\nAnd Bolingbroke shall see it.\n\n"
+        "[Enter a servant]\n\nBOL.\nMy lord, the first servant of Rome is here.\nSweet Rome, my lord.\n\n"
+        "FIRST SERVANT.\nThe king and the first servant, and Bolingbroke of Rome.\n\n"
+        "Exeunt.")
+
+
+def test_spoken_text_keeps_only_the_speeches():
+    said = spoken_text(PLAY)
+    assert said.split("\n") == ["Bolingbroke, thou art come to the king of Rome,", "And Bolingbroke shall see it.",
+                                 "My lord, the first servant of Rome is here.", "Sweet Rome, my lord.",
+                                 "The king and the first servant, and Bolingbroke of Rome."]
+    assert spoken_text(PLAY) == spoken_text(Document("p", "Play", "tragedy", PLAY))
+
+
+def test_character_names_and_proper_nouns():
+    # speaker words: king, richard, bol, first, servant; 'king', 'first' and 'servant' are lower case in the speeches
+    assert character_names([PLAY]) == {"richard", "bol"}
+    # within a sentence: Rome 4 times, Bolingbroke twice (never at a line start), all capitalized; 'I', 'O' too short
+    assert proper_nouns([spoken_text(PLAY)], min_count=2) == {"rome", "bolingbroke"}
+    assert proper_nouns([spoken_text(PLAY)], min_count=3) == {"rome"}
+    assert proper_nouns(["The Duke, the Duke and the duke; the Duke and the Duke."], share=0.75) == {"duke"}
+    assert proper_nouns(["The Duke, the Duke and the duke; the Duke and the Duke."], share=0.9) == set()
+    with pytest.raises(ValueError, match="share=1.5 must be in"):
+        proper_nouns([PLAY], share=1.5)
 
 
 def test_token_bytes_round_trip(tok):
@@ -97,6 +142,24 @@ def test_term_token_mask_words_and_pieces(tok):
     assert not any(two_words[: enc.tokens.index("Ġking")])
     assert term_token_mask(torch.tensor(enc.ids), tok, ["king"]).tolist() == \
         term_token_mask(np.array(enc.ids, dtype=np.uint16), tok, ["king"]).tolist()
+
+
+def test_term_token_pieces_first_and_continuation(tok):
+    text = "Bolingbroke and the king; Bolingbroke's kingdom."
+    enc = tok.encode(text)
+    pieces = term_token_pieces(enc.ids, tok, ["bolingbroke", "king"])
+    expected = np.zeros(len(enc.ids), np.int8)
+    for begin, word in ((0, "Bolingbroke"), (text.index("king"), "king"), (text.index("Bolingbroke'"), "Bolingbroke")):
+        hit = [i for i, (s, e) in enumerate(enc.offsets) if s < begin + len(word) and e > begin]
+        expected[hit[0]], expected[hit[1:]] = 1, 2                                # the first piece, then the rest
+    assert pieces.dtype == np.int8 and np.array_equal(pieces, expected)
+    assert (pieces == 1).sum() == 3 and (pieces == 2).sum() > 0                   # Bolingbroke is several tokens
+    for part, code in (("first", 1), ("rest", 2)):
+        assert np.array_equal(term_token_mask(enc.ids, tok, ["bolingbroke", "king"], part=part), pieces == code)
+    assert np.array_equal(term_token_mask(enc.ids, tok, ["bolingbroke", "king"]), pieces > 0)
+    with pytest.raises(ValueError, match="unknown part 'middle'"):
+        term_token_mask(enc.ids, tok, ["king"], part="middle")
+    assert not term_token_pieces(tok.encode("no terms here").ids, tok, ["king"]).any()
 
 
 def test_term_token_mask_bad_input(tok):
@@ -171,6 +234,25 @@ def test_term_losses_split_all_and_terms():
         term_losses(model, ids, mask[:10], 16)
 
 
+def test_term_losses_split_first_and_continuation_pieces():
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 32, 400).astype(np.uint16)
+    codes = np.random.default_rng(1).choice([0, 1, 2], 400, p=[0.6, 0.25, 0.15]).astype(np.int8)
+    model = GPT(GPTConfig.tiny(32, n_layer=1, n_embd=16, n_head=2, block_size=16))
+    split = term_losses(model, ids, codes, seq_len=16, batch_size=4)
+    plain = term_losses(model, ids, codes > 0, seq_len=16, batch_size=4)
+    assert "first_loss" not in plain and split["term_loss"] == pytest.approx(plain["term_loss"])
+    assert split["first_tokens"] + split["rest_tokens"] == split["term_tokens"] == plain["term_tokens"]
+    mixed = (split["first_loss"] * split["first_tokens"] + split["rest_loss"] * split["rest_tokens"]) \
+        / split["term_tokens"]
+    assert mixed == pytest.approx(split["term_loss"])
+    first = term_losses(model, ids, codes == 1, seq_len=16, batch_size=4)
+    assert first["term_loss"] == pytest.approx(split["first_loss"])
+    assert term_losses(model, ids, np.where(codes == 2, 1, codes), 16)["rest_loss"] is None
+    with pytest.raises(ValueError, match="values other than 0, 1 and 2"):
+        term_losses(model, ids, codes * 2, 16)
+
+
 def _data(tok):
     text = " ".join(DOMAIN * 3)
     ids = np.array(tok.encode(text).ids, dtype=np.uint16)
@@ -188,13 +270,14 @@ KW = dict(seq_len=16, batch_size=8, steps=30, lr=3e-3, warmup_steps=3, eval_ever
 def test_domain_adapt_reports_before_and_after(tok, tmp_path):
     train, val = _data(tok)
     stage = DomainAdapt(train, val, keywords=["king", "france"], tokenizer=tok, term_weight=3.0, **KW)
-    assert stage.name == "domain-adapt" and stage.train_mask.any() and stage.val_mask.any()
+    assert stage.name == "domain-adapt" and stage.train_mask.any() and (stage.val_pieces > 0).any()
     json.dumps(stage.describe())
     report = stage.run(_model(tok), tmp_path)
     assert report["val_loss"] < report["val_loss_before"] - 0.5
     assert report["term_loss"] < report["term_loss_before"]
     assert report["term_ppl"] == pytest.approx(np.exp(report["term_loss"]))
     assert report["steps"] == 30 and report["val_term_tokens"] > 0
+    assert report["term_first_loss"] is not None and report["term_first_loss_before"] is not None
     json.dumps(report.to_dict())
 
 
@@ -271,3 +354,36 @@ def test_domain_adapt_bad_input(tok):
         DomainAdapt(np.array([], dtype=np.uint16), val)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         DomainAdapt(train, val, **{**KW, "seq_len": 32}).run(_model(tok), None)
+
+
+def test_chunk_spans_spread_and_sized():
+    spans = chunk_spans(10_000, 1_000, 100)
+    sizes = spans[:, 1] - spans[:, 0]
+    assert spans.shape == (10, 2) and sizes.sum() == 1_000 and sizes.max() - sizes.min() <= 1
+    assert spans[0, 0] == 0 and spans[-1, 1] == 10_000 and np.all(spans[1:, 0] >= spans[:-1, 1])
+    gaps = np.diff(spans[:, 0])
+    assert gaps.max() - gaps.min() <= 1                                               # evenly spread
+    odd = chunk_spans(9_999, 1_234, 100)                                              # 12 chunks of 102 or 103
+    assert (odd[:, 1] - odd[:, 0]).sum() == 1_234 and len(odd) == 12 and np.all(odd[1:, 0] >= odd[:-1, 1])
+    ids = np.arange(10_000, dtype=np.uint16)
+    assert np.array_equal(spread_chunks(ids, 1_000, 100), np.concatenate([ids[s:e] for s, e in spans]))
+    assert spread_chunks(ids, 10_000, 100) is ids and len(spread_chunks(ids, 50, 100)) == 50
+    with pytest.raises(ValueError, match="must be in"):
+        chunk_spans(100, 0, 10)
+
+
+def test_domain_adaptation_is_the_same_stage_in_every_chapter():
+    from msopt.book import Book, adaptation_recipe, book, domain_adaptation, domain_tokens
+    b = book("tiny")
+    stage = domain_adaptation(b, 8_000, seed=1)
+    assert stage.describe() == domain_adaptation(b, 8_000, seed=1).describe()
+    assert stage.describe() == domain_adaptation(Book("tiny"), 8_000, seed=1).describe()    # another process's book
+    assert len(stage.train) == 8_000 and np.array_equal(stage.train, domain_tokens(b, 8_000))
+    recipe = adaptation_recipe(b, 8_000)
+    assert stage.config.keep_best and stage.config.patience and stage.config.steps == recipe["steps"]
+    names = {domain_adaptation(b, K, seed, w, ["thou"] if w != 1 else None).name
+             for K in (8_000, 16_000, None) for seed in (0, 1) for w in (1.0, 3.0)}
+    assert len(names) == 12 and domain_adaptation(b).name == "domain-adapt-all-s0"
+    assert len(domain_adaptation(b).train) == len(b.ids(b.plays["train"]))
+    weighted = domain_adaptation(b, 8_000, 1, 3.0, ["thou", "thee"])
+    assert weighted.describe()["settings"]["keywords"] == ["thou", "thee"] and weighted.train_mask.any()
