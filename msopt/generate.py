@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models import GPT
+from .models import GPT, check_ids
 
 
 def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
@@ -52,35 +52,39 @@ def process_logits(logits: torch.Tensor, ids: torch.Tensor | None = None, mask: 
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 # %% auto #0
-__all__ = ['repetition_penalty', 'top_k_filter', 'top_p_filter', 'process_logits', 'Decoder', 'default_stop_tokens', 'left_pad',
-           'check_generation_args', 'generate', 'stream', 'beam_search', 'keyword_hook', 'keyword_coverage']
+__all__ = ['repetition_penalty', 'top_k_filter', 'top_p_filter', 'process_logits', 'Decoder', 'default_stop_tokens',
+           'left_pad', 'check_generation_args', 'generate', 'stream', 'beam_search', 'keyword_hook', 'keyword_coverage']
 
 # %% ../nbs/13_prediction.ipynb #81b1bbc3
 class Decoder:
-    "Runs `model` over a pre-allocated KV cache: `prefill(ids, mask)` reads the prompts, `step(tokens)` appends one token per row."
+    """Runs `model` over a pre-allocated KV cache: `prefill(ids, mask)` reads the prompts, `step(tokens)` appends one
+    token per row. Both run the model under `torch.inference_mode` and return logits (B, V) of the next token."""
     def __init__(self, model: GPT, batch_size: int, max_len: int, compile: bool = False):
         self.model, self.cache = model, model.kv_cache(batch_size, max_len)
-        self.mask = self.next_pos = None
+        self.mask = self.next_pos = None              # left-padded prompts: (B, max_len) padding mask, (B, 1) positions
         self._features = torch.compile(model.features, dynamic=True) if compile else model.features
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        h = self._features(ids, self.mask, self.cache, positions)[:, -1]            # (B, C): only the last position
+        mask = None if self.mask is None else self.mask[:, :self.cache.pos + ids.size(1)]  # (B, S)
+        h = self._features(ids, mask, self.cache, positions)[:, -1]                 # (B, C): only the last position
         return self.model.lm_head(h)                                                # (B, V)
 
+    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         "Logits (B, V) of the next token after the prompts `ids` (B, T), left-padded where `attention_mask` is 0."
         positions = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            self.mask = attention_mask.long()
-            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)                     # (B, T): from the first real token
+            self.mask = attention_mask.new_ones(len(ids), self.cache.max_len)      # (B, max_len): new tokens are real
+            self.mask[:, :ids.size(1)] = attention_mask
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                # (B, T): from the first real token
             self.next_pos = positions[:, -1:] + 1                                   # (B, 1)
         return self._logits(ids, positions)
 
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         "Logits (B, V) after appending `tokens` (B,) to every row."
         positions = None
         if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)  # (B, S + 1)
             positions, self.next_pos = self.next_pos, self.next_pos + 1
         return self._logits(tokens[:, None], positions)
 
@@ -147,7 +151,7 @@ def check_generation_args(*, max_new_tokens: int, temperature: float, top_k: int
 
 
 def _prepare(model: GPT, prompts, attention_mask, tokenizer, pad_id: int | None, max_new_tokens: int):
-    "(ids (B, T), mask (B, T) or None, kind of input, pad id) from strings, id lists or a tensor; checks lengths."
+    "(ids (B, T), mask (B, T) or None, kind of input, pad id) from strings, id lists or a tensor; checks ids, lengths."
     if not isinstance(model, GPT):
         raise TypeError(f"generate decodes msopt GPT models, got {type(model).__name__}: convert with msopt.models.from_hf")
     single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int))
@@ -170,6 +174,7 @@ def _prepare(model: GPT, prompts, attention_mask, tokenizer, pad_id: int | None,
         pad_id = pad_id if pad_id is not None else 0
         ids, mask = left_pad(batch, pad_id)
         kind = kind + ("1" if single else "")
+    check_ids(ids, model.config.vocab_size)                     # once per call: forward passes check shapes only
     longest = ids.size(1) + max_new_tokens
     if longest > model.config.block_size:
         raise ValueError(f"prompt of {ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the context length "
@@ -192,24 +197,31 @@ def _sample_tokens(model: GPT, ids: torch.Tensor, mask: torch.Tensor | None, max
     B, T = ids.shape
     decoder = Decoder(model, B, T + max_new_tokens, compile)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
-    seq, seq_mask = ids, torch.ones_like(ids) if mask is None else mask
+    seq = F.pad(ids, (0, max_new_tokens), value=pad_id)                             # (B, T + n), filled step by step
+    seq_mask = F.pad(torch.ones_like(ids) if mask is None else mask, (0, max_new_tokens))  # 0: padding or finished
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     logits = decoder.prefill(ids, mask)                                             # (B, V)
     for step in range(max_new_tokens):
+        S = T + step                                                                # tokens so far
         if logits_hook is not None:
-            logits = logits_hook(logits, seq[:, T:])
-        logits = process_logits(logits.float(), seq, seq_mask, temperature=temperature if do_sample else 1.0,
-                                top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0, rep_penalty=rep_penalty)
+            logits = logits_hook(logits.clone(), seq[:, T:S])                       # a copy the hook may edit
+        logits = process_logits(logits.float(), seq[:, :S], seq_mask[:, :S],
+                                temperature=temperature if do_sample else 1.0, top_k=top_k if do_sample else 0,
+                                top_p=top_p if do_sample else 1.0, rep_penalty=rep_penalty)
         if do_sample:
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
         else:
             nxt = logits.argmax(-1)                                                 # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if len(stops):
+            nxt = nxt.masked_fill(done, pad_id)
         yield nxt
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if len(stops):
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()):                                                    # the step's one host sync
+                return
+        if step == max_new_tokens - 1:
             return
-        seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, (~done)[:, None].long()], 1)
+        seq[:, S], seq_mask[:, S] = nxt, ~done
         logits = decoder.step(nxt)
 
 

@@ -172,9 +172,9 @@ class KVCache:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, {end} are needed: make it with a larger max_len")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]                         # (B, nkv, max_len, hd): views
+        keys[:, :, self.pos:end], values[:, :, self.pos:end] = k, v         # written in place, nothing grows
+        return keys[:, :, :end], values[:, :, :end]
 
     def crop(self, length: int) -> None:
         "Forget every position from `length` on (rejected draft tokens); the next update overwrites them."
@@ -212,12 +212,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                  # (B, nkv, S, hd)
-        if self.n_kv_head != self.n_head:
-            group = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, S, hd)
+        group = self.n_head // self.n_kv_head
+        if group > 1 and cache is None:               # copy each K/V head for its query heads (every GPU kernel takes
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # this) (B, nh, S, hd)
         causal = self.causal and mask is None and k.size(2) == T            # one new token may read every key
+        gqa = k.size(1) != self.n_head                                       # with a cache: shared, not copied per step
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=causal)                             # (B, nh, T, hd)
+                                           is_causal=causal, enable_gqa=gqa)             # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)     # (B, T, C)
         return self.resid_drop(self.o_proj(y))
 
@@ -253,8 +254,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
 # %% ../nbs/04_models.ipynb #ddd360d3
-def check_ids(idx, vocab_size: int, block_size: int | None = None) -> None:
-    "Raise a one-line error unless `idx` is an integer (B, T) tensor of ids in [0, vocab_size) with T <= block_size."
+def check_ids(idx, vocab_size: int | None = None, block_size: int | None = None) -> None:
+    """Raise a one-line error unless `idx` is an integer (B, T) tensor with T <= block_size and, given `vocab_size`,
+    ids in [0, vocab_size). The range check reads the ids back to the host: run it once where data enters (the
+    prompts of `generate`, a data set), not in every forward pass."""
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token ids must be an int64 tensor of shape (B, T), got {type(idx).__name__} "
                         f"{getattr(idx, 'dtype', '')}: convert with torch.tensor(ids, dtype=torch.long)")
@@ -263,6 +266,8 @@ def check_ids(idx, vocab_size: int, block_size: int | None = None) -> None:
     if block_size is not None and idx.size(1) > block_size:
         raise ValueError(f"sequence length T={idx.size(1)} exceeds the model's context length block_size={block_size}: "
                          "use shorter sequences or a config with a larger block_size")
+    if vocab_size is None:
+        return
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids range over [{lo}, {hi}] but vocab_size={vocab_size}: tokenizer and model "
@@ -279,6 +284,16 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
+        if config.style == "llama":
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self.init_rope()
+
+    def init_rope(self) -> None:
+        "Compute the RoPE tables (block_size, hd) of every position once; forward passes look theirs up."
+        c = self.config
+        positions = torch.arange(c.block_size, device=self.wte.weight.device)
+        self.rope_cos, self.rope_sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,7 +302,7 @@ class Transformer(nn.Module):
         extended by T); `positions` (T,) or (B, T) (default: S - T, ..., S - 1; left-padded rows count from their
         first real token)."""
         c = self.config
-        check_ids(idx, c.vocab_size, c.block_size)
+        check_ids(idx, block_size=c.block_size)                              # shapes only: no host sync per call
         B, T = idx.size()
         past = 0 if cache is None else cache.pos
         if past + T > c.block_size:
@@ -300,7 +315,7 @@ class Transformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)                                      # (B, T, C)
         else:
-            cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)      # (T, hd) or (B, T, hd)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]    # (T, hd) or (B, T, hd)
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, hd)
         mask = None
         if attention_mask is not None:
@@ -434,7 +449,7 @@ class LSTMLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         "Logits (B, T, V) for ids `idx` (B, T)."
-        check_ids(idx, self.vocab_size)
+        check_ids(idx)                                                   # shapes only, like Transformer
         x = self.drop(self.embed(idx))                                   # (B, T, n_embd)
         h, _ = self.lstm(x)                                              # (B, T, n_hidden)
         return self.head(self.drop(h))                                   # (B, T, V)
@@ -559,6 +574,8 @@ def from_hf(hf_model) -> GPT:
     with torch.device("meta"):
         model = GPT(config)                              # shapes only: no time spent on an init we overwrite
     model = model.to_empty(device=p.device)
+    if config.style == "llama":
+        model.transformer.init_rope()                    # buffers, too, come out of to_empty uninitialized
     if config.tie_weights:
         model.lm_head.weight = model.transformer.wte.weight  # to_empty gives every parameter its own storage
     model = model.to(p.dtype)

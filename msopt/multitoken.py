@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import GPT
+from .models import GPT, check_ids
 
 
 @dataclass
@@ -48,6 +48,7 @@ def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, 
         raise ValueError(f"n_draft must be in [1, {model.config.n_mtp}] (the model's extra heads), got {n_draft!r}")
     if ids.dim() != 2 or ids.size(0) != 1 or ids.size(1) == 0:
         raise ValueError(f"speculative_generate decodes one non-empty prompt of shape (1, T), got {tuple(ids.shape)}")
+    check_ids(ids, model.config.vocab_size)                     # once per call: forward passes check shapes only
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     T = ids.size(1)

@@ -136,6 +136,37 @@ def test_kv_cache_matches_full_forward():
         ours(idx[:1, :4], cache=small)
 
 
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_static_cache_matches_full_forward_left_padded(style):
+    "Prefill, then one token per step written into the pre-allocated cache = one forward pass over everything."
+    ours, _ = model_pair(style)                                                  # llama: grouped-query attention
+    ids, mask = left_pad([[5, 17, 42, 7, 99, 3], [8, 250, 13], [77]], pad_id=1)
+    new = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(0))
+    all_ids, all_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    positions = (all_mask.cumsum(-1) - 1).clamp(min=0)                           # count from the first real token
+    with torch.no_grad():
+        full = ours(all_ids, all_mask, positions=positions)[:, ids.size(1) - 1:]  # (B, 1 + 5, V)
+    d = Decoder(ours, 3, all_ids.size(1))
+    cached = torch.stack([d.prefill(ids, mask)] + [d.step(new[:, j]) for j in range(5)], 1)  # (B, 1 + 5, V)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert d.cache.pos == all_ids.size(1) and d.cache.k.shape[3] == all_ids.size(1)  # filled, never grown
+
+
+def test_outputs_are_ordinary_tensors():
+    "The model runs under inference_mode, but what generate returns can feed training."
+    ours, _ = model_pair("gpt2")
+    for kw in [dict(), dict(num_beams=2)]:
+        out = generate(ours, torch.tensor([[1, 2, 3]]), 4, **kw)
+        assert not out.is_inference()
+        ours.transformer.wte(out).sum().backward()                             # saved for backward: allowed
+    ours.zero_grad()
+
+    def edit_in_place(logits, new):
+        logits[:, 77] = 1e4
+        return logits
+    assert generate(ours, [1, 2, 3], 2, logits_hook=edit_in_place) == [77, 77]
+
+
 def test_decoder_and_beam_search_directly():
     ours, _ = model_pair("gpt2")
     ids = torch.tensor([[1, 2, 3]])
@@ -177,6 +208,13 @@ def test_bad_arguments_give_one_line_errors(char_tok):
         generate(ours, [[]], 4)
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(ours, torch.zeros(1, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="vocabularies differ") as e:
+        generate(ours, [[1, V + 3]], 4)                                          # checked once, at the boundary
+    assert f"{V + 3}" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        generate(ours, torch.tensor([[1, -2]]), 4, num_beams=2)
+    with pytest.raises(TypeError, match="int64 tensor"):
+        generate(ours, torch.tensor([[1.0, 2.0]]), 4)
     with pytest.raises(ValueError, match="no prompts"):
         generate(ours, [], 4)
     with pytest.raises(ValueError, match="no tokenizer"):

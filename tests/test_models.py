@@ -184,18 +184,47 @@ def test_gpt_padding_mask(style):
 
 
 def test_gpt_input_errors():
+    "The forward pass checks shapes and types; the ids' values are checked by `check_ids` where data enters."
     model = GPT(tiny())
     with pytest.raises(ValueError, match=r"sequence length T=129 exceeds the model's context length block_size=128"):
         model(torch.zeros(1, 129, dtype=torch.long))
-    with pytest.raises(ValueError, match=rf"\[0, 300\] but vocab_size={V}: tokenizer and model vocabularies differ"):
-        model(torch.tensor([[0, 300]]))
-    with pytest.raises(ValueError, match="vocabularies differ"):
-        model(torch.tensor([[-1, 3]]))
     with pytest.raises(TypeError, match="int64 tensor"):
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"shape \(B, T\)"):
         model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"\[0, 300\] but vocab_size={V}: tokenizer and model vocabularies differ"):
+        check_ids(torch.tensor([[0, 300]]), V)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        check_ids(torch.tensor([[-1, 3]]), V, 4)
+    with pytest.raises(ValueError, match="block_size=4"):
+        check_ids(torch.zeros(1, 5, dtype=torch.long), V, 4)
     check_ids(torch.zeros(1, 4, dtype=torch.long), V, 4)
+    check_ids(torch.tensor([[V + 5]]))                               # no vocab_size: shapes only
+
+
+def test_forward_does_not_read_ids_back(monkeypatch):
+    "No value check (a host sync on a GPU) in the forward passes of the decoder, the encoder and the LSTM."
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a forward pass read the ids back to the host")
+    idx = torch.randint(0, V, (2, 8))
+    models = [GPT(tiny()), GPT(tiny(style="llama")), Encoder(tiny()), LSTMLM(V, n_embd=16, n_hidden=16)]
+    monkeypatch.setattr(torch, "aminmax", no_sync)
+    for model in models:
+        model(idx)
+
+
+def test_rope_tables_are_buffers_computed_once():
+    model = GPT(tiny(style="llama", block_size=64))
+    t = model.transformer
+    cos, sin = rope_tables(torch.arange(64), model.config.head_dim, model.config.rope_theta)
+    assert torch.equal(t.rope_cos, cos) and torch.equal(t.rope_sin, sin)
+    assert not any("rope" in k for k in model.state_dict())                  # not saved: derived from the config
+    assert not hasattr(GPT(tiny()).transformer, "rope_cos")                   # GPT-2 style: learned positions
+    with torch.device("meta"):
+        empty = GPT(tiny(style="llama", block_size=64))
+    empty = empty.to_empty(device="cpu")
+    empty.transformer.init_rope()
+    assert torch.equal(empty.transformer.rope_cos, cos)
 
 
 def test_init_std():
@@ -272,8 +301,8 @@ def test_lstm():
     assert count_params(tied) == count_params(LSTMLM(V, n_embd=32, n_hidden=32)) - V * 32
     with pytest.raises(ValueError, match="tie_weights needs n_hidden == n_embd"):
         LSTMLM(V, n_embd=32, n_hidden=48, tie_weights=True)
-    with pytest.raises(ValueError, match="vocabularies differ"):
-        lm(torch.tensor([[V]]))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        lm(torch.tensor([V]))
 
 
 # ---------------------------------------------------------------- transformers parity

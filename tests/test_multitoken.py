@@ -79,3 +79,5 @@ def test_speculative_bad_input():
         speculative_generate(model, ids, 200)
     with pytest.raises(ValueError, match="max_new_tokens"):
         speculative_generate(model, ids, 0)
+    with pytest.raises(ValueError, match=f"vocab_size={V}"):
+        speculative_generate(model, torch.tensor([[1, V]]), 5)
