@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import PROFILES, check_choice, pick, profile, run_dir
+from .core import PROFILES, check_choice, pick, profile, read_json, run_dir, write_json
 from .data import Document, encode_documents, load_corpus, sample_documents, split_documents, train_tokenizer
 from .models import GPT, GPTConfig
 from .stages.domain import DomainAdapt
@@ -100,9 +100,27 @@ def book(name: str | None = None) -> Book:
     "The `Book` of profile `name` (default: the active profile), built once per process."
     return Book(name or profile())
 
+
+RESULTS = Path("results")       # beside the chapters: the headline numbers the front and back of the book quote
+
+
+def save_results(chapter: str, results: dict) -> Path | None:
+    """Keep a chapter's headline numbers (JSON) in `RESULTS/<chapter>.json` with the profile that made them, for
+    the index, chapter 00 and chapter 18; the tiny profile's numbers are CI's and are not kept."""
+    if profile() == "tiny":
+        return None
+    return write_json(RESULTS / f"{chapter}.json", {"profile": profile(), **results})
+
+
+def load_results(chapter: str) -> dict | None:
+    "The headline numbers a chapter kept with `save_results`, or None if it has not been run in small or full."
+    path = RESULTS / f"{chapter}.json"
+    return read_json(path) if path.is_file() else None
+
 # %% auto #0
-__all__ = ['BOOK_SIZES', 'PLAY_SPLIT', 'Book', 'book', 'general_pretraining', 'ADAPT_SIZES', 'chunk_spans',
-           'spread_chunks', 'k_label', 'domain_tokens', 'adaptation_recipe', 'domain_adaptation']
+__all__ = ['BOOK_SIZES', 'PLAY_SPLIT', 'RESULTS', 'Book', 'book', 'save_results', 'load_results', 'general_pretraining',
+           'ADAPT_SIZES', 'chunk_spans', 'spread_chunks', 'k_label', 'domain_tokens', 'adaptation_recipe',
+           'domain_adaptation']
 
 # %% ../nbs/06_pretraining.ipynb #3f704555
 def general_pretraining(b: Book) -> Pretrain:
