@@ -110,16 +110,17 @@ def _passage_lines(text: str, drop_speakers: bool) -> list[str]:
 def genre_task(tokenizer=None, seq_len: int = 128, per_class: int = 200,
                genres: Sequence[str] = ("comedy", "tragedy", "history"), seed: int = 0, val_fraction: float = 0.2,
                test_fraction: float = 0.2, lines: int = 8, eval_per_class: int | None = None,
-               works: dict[str, Sequence[str]] | None = None, drop_speakers: bool = True) -> TaskData:
+               works: dict[str, Sequence[str]] | None = None, drop_speakers: bool = True,
+               test_per_class: int | None = None) -> TaskData:
     """The genre of a passage of Shakespeare: `lines` consecutive lines of one play, labelled by the play's genre.
 
     Plays are split BY WORK (no play in two splits): `val_fraction` / `test_fraction` of each genre's plays, or the
-    given `works` ({'train', 'val', 'test'} -> work ids). Train has `per_class` passages per genre, val and test
-    `eval_per_class` (default `per_class // 2`), dealt evenly over the split's plays; within a play the passages do
-    not overlap. With `drop_speakers`, speaker names ('HAMLET.') and stage directions ('[Exit.]') are left out, so
-    that a passage shows its genre by its words rather than by who speaks. `groups` holds each passage's play. With
-    `tokenizer`, whole lines are dropped from a passage's end until it fits `seq_len` tokens. Deterministic given
-    `seed`."""
+    given `works` ({'train', 'val', 'test'} -> work ids). Train has `per_class` passages per genre, val
+    `eval_per_class` (default `per_class // 2`) and test `test_per_class` (default `eval_per_class`), dealt evenly
+    over the split's plays; within a play the passages do not overlap. With `drop_speakers`, speaker names
+    ('HAMLET.') and stage directions ('[Exit.]') are left out, so that a passage shows its genre by its words rather
+    than by who speaks. `groups` holds each passage's play. With `tokenizer`, whole lines are dropped from a
+    passage's end until it fits `seq_len` tokens. Deterministic given `seed`."""
     genres = list(genres)
     if len(genres) < 2:
         raise ValueError(f"genres={genres} names fewer than 2 classes: give two or more of comedy, tragedy, history, "
@@ -127,6 +128,8 @@ def genre_task(tokenizer=None, seq_len: int = 128, per_class: int = 200,
     check_int(per_class, "per_class")
     check_int(lines, "lines")
     eval_per_class = max(1, per_class // 2) if eval_per_class is None else check_int(eval_per_class, "eval_per_class")
+    test_per_class = eval_per_class if test_per_class is None else check_int(test_per_class, "test_per_class")
+    sizes = {"train": per_class, "val": eval_per_class, "test": test_per_class}
     docs = load_corpus("shakespeare", genres=genres)
     if works is None:
         parts = split_works(docs, "genre", val_fraction, test_fraction, seed)
@@ -146,7 +149,7 @@ def genre_task(tokenizer=None, seq_len: int = 128, per_class: int = 200,
             if not plays:
                 raise ValueError(f"the {split} split has no {genre} play: use fewer genres or other fractions")
             starts = [list(rng.permutation(np.arange(0, len(ls) - lines, lines))) for _, ls in plays]
-            for k in range(per_class if split == "train" else eval_per_class):
+            for k in range(sizes[split]):
                 (play, ls), free = plays[k % len(plays)], starts[k % len(plays)]
                 start = int(free.pop()) if free else int(rng.integers(0, len(ls) - lines))
                 texts.append("\n".join(ls[start: start + lines]))

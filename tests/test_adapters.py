@@ -217,19 +217,19 @@ def test_lora_linear_bad_input():
         LoRALinear(nn.Linear(4, 4), r=0)
 
 
-def peft_pair(r=4, alpha=8, seed=0):
+def peft_pair(r=4, alpha=8, seed=0, targets=("q_proj", "v_proj")):
     "An msopt Llama-style GPT with LoRA and the same model in HF + peft, with the same non-zero A and B."
     from peft import LoraConfig, get_peft_model
     ours = gpt(style="llama", n_layer=2, seed=seed).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = get_peft_model(to_hf(ours), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
+        theirs = get_peft_model(to_hf(ours), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
     theirs.eval()
-    add_lora(ours, r=r, alpha=alpha, targets=("q_proj", "v_proj"))
+    add_lora(ours, r=r, alpha=alpha, targets=targets)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for i, block in enumerate(ours.transformer.blocks):
-            for proj in ("q_proj", "v_proj"):
+            for proj in targets:
                 layer = getattr(theirs.base_model.model.model.layers[i].self_attn, proj)
                 layer.lora_B["default"].weight.normal_(0, 0.1)
                 getattr(block.attn, proj).lora_A.copy_(layer.lora_A["default"].weight)
@@ -237,8 +237,11 @@ def peft_pair(r=4, alpha=8, seed=0):
     return ours, theirs
 
 
-def test_lora_matches_peft():
-    ours, theirs = peft_pair()
+@pytest.mark.parametrize("r, targets", [(4, ("q_proj", "v_proj")), (2, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                        (16, ("q_proj", "k_proj", "v_proj", "o_proj"))])
+def test_lora_matches_peft(r, targets):
+    "The ranks and targets chapter 09 compares: the same logits and trainable counts as peft."
+    ours, theirs = peft_pair(r=r, alpha=2 * r, targets=targets)
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
@@ -246,7 +249,7 @@ def test_lora_matches_peft():
             base_logits = theirs(x).logits
     assert not torch.allclose(ours(x), base_logits, atol=1e-3)  # B != 0: the check is not trivial
     assert trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
-    assert trainable_parameters(ours)[0] == 2 * 2 * 4 * (32 + 32)
+    assert trainable_parameters(ours)[0] == 2 * len(targets) * r * (32 + 32)
 
 
 def test_merged_lora_matches_peft_merge_and_unload():

@@ -1,5 +1,6 @@
 "Tests of chapter 08: the genre task, SequenceClassifier, instruction data and the FineTune stage."
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,16 @@ from msopt.models import GPT, LSTMLM, GPTConfig
 from msopt.objectives import classify_batch_loss
 from msopt.stages import FineTune
 from msopt.stages.finetune import answer_exact_match
-from msopt.tasks import LabelledTexts, encode_sft, encode_texts, format_prompt, genre_task, instruction_task, speeches
+from msopt.tasks import (
+    LabelledTexts,
+    encode_sft,
+    encode_texts,
+    format_prompt,
+    genre_task,
+    instruction_task,
+    speeches,
+    split_works,
+)
 
 PLAYS = ["twelfth_night", "macbeth", "henry_v"]
 
@@ -62,6 +72,27 @@ def test_genre_task_split_by_work_balanced_deterministic(task):
     again, other = genre_task(per_class=12, seed=0), genre_task(per_class=12, seed=1)
     assert again.train.texts == task.train.texts and again.works == task.works
     assert other.train.texts != task.train.texts
+
+
+def test_genre_task_given_works_sizes_groups_and_no_speakers():
+    "The book's way: a fixed split by play, long passages without speaker names, a test split of its own size."
+    docs = load_corpus("shakespeare", genres=("comedy", "tragedy", "history"))
+    works = {k: [d.id for d in v] for k, v in split_works(docs, "genre", 0.2, 0.3, seed=0).items()}
+    t = genre_task(per_class=6, eval_per_class=3, test_per_class=5, lines=16, works=works, seed=0)
+    assert [len(t.train), len(t.val), len(t.test)] == [18, 9, 15] and t.works == works
+    genre = {d.id: d.genre for d in docs}
+    for split in ("train", "val", "test"):
+        data = getattr(t, split)
+        assert set(data.groups) <= set(works[split])
+        assert all(data.names[y] == genre[g] for y, g in zip(data.labels, data.groups))
+        assert all(len(p.split("\n")) == 16 for p in data.texts)
+    lines = [ln for p in t.train.texts + t.test.texts for ln in p.split("\n")]
+    assert not [ln for ln in lines if re.fullmatch(r"[A-Z][A-Z' -]+\.", ln) or ln.startswith(("[", "ACT", "SCENE"))]
+    other = genre_task(per_class=6, eval_per_class=3, test_per_class=2, lines=16, works=works, seed=0)
+    assert other.train.texts == t.train.texts and other.val.texts == t.val.texts    # test size changes test only
+    assert len(other.test) == 6
+    with pytest.raises(ValueError, match="test_per_class must be a positive int"):
+        genre_task(per_class=6, test_per_class=0, works=works)
 
 
 def test_genre_task_passages_come_from_their_split(task):
