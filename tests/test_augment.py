@@ -1,4 +1,4 @@
-"""Tests of msopt.augment: EDA operations, token noise, pseudo-labels and FGM."""
+"""Tests of msopt.augment: EDA operations, token noise, pseudo-labels and FGM, and the AugmentedFineTune stage."""
 import json
 import lzma
 from dataclasses import dataclass
@@ -28,7 +28,10 @@ from msopt.augment import (
     token_noise,
     with_token_noise,
 )
+from msopt.data import train_tokenizer
 from msopt.models import GPT, GPTConfig
+from msopt.stages import AugmentedFineTune, FineTune
+from msopt.tasks import LabelledTexts
 
 ASSET = Path(__file__).resolve().parents[1] / "msopt/assets/synonyms.json.xz"
 WORDS = st.lists(st.sampled_from(["love", "king", "sword", "the", "night", "Fair,", "death.", "and", "O", "zzz"]),
@@ -261,3 +264,56 @@ def test_fgm_eval_and_frozen_embedding():
     assert clf.head.weight.grad is not None
     with pytest.raises(ValueError, match="has no nn.Embedding"):
         find_embedding(nn.Linear(2, 2))
+
+
+LINES = ["O Romeo, Romeo, wherefore art thou Romeo", "The king is dead, long live the king", "Love is a smoke",
+         "My kingdom for a horse", "Sweet love, renew thy force", "Cry havoc and let slip the dogs of war",
+         "If music be the food of love, play on", "Once more unto the breach, dear friends"]
+
+
+def _genre_data():
+    "Two classes (love, war) of short lines, a tokenizer, and fresh GPT backbones of its vocabulary."
+    tok = train_tokenizer(LINES * 20, vocab_size=300)
+    labels = [0, 1, 0, 1, 0, 1, 0, 1]
+    train = LabelledTexts(LINES[:6], labels[:6], ["love", "war"])
+    unlabelled = LabelledTexts(LINES[6:] * 2, labels[6:] * 2, ["love", "war"])
+
+    def gpt(seed=0):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig.tiny(vocab_size=tok.get_vocab_size(), n_layer=1, n_embd=16, n_head=2, block_size=32))
+    return tok, train, unlabelled, gpt
+
+
+def test_augmented_finetune_with_a_teacher():
+    """EDA copies, token noise, FGM and pseudo-labels from a separate teacher: the student starts from the model it
+    is handed, trains on the labelled passages, their copies and every pseudo-labelled one; the teacher is unchanged."""
+    tok, train, unlabelled, gpt = _genre_data()
+    args = dict(seq_len=16, batch_size=4, steps=3, lr=1e-3, eval_every=3, progress=False)
+    first = FineTune("classify", train, train, tok, **args)
+    first.run(gpt())
+    teacher = first.model
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stage = AugmentedFineTune(train, train, tok, n_aug=1, token_noise=0.1, fgm_eps=0.1, unlabelled=unlabelled,
+                              threshold=0.0, teacher=teacher, **args)
+    report = stage.run(gpt(1))
+    assert stage.model is not teacher and all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert len(stage.train) == 2 * len(train) + len(unlabelled)                # copies, then every pseudo-label
+    ids, mask, _ = unlabelled.encode(tok, 16)
+    _, labels, _ = pseudo_label(teacher, ids, mask, 0.0)
+    right = float((labels == torch.tensor(unlabelled.labels)).float().mean())
+    assert report["pseudo_labelled"] == len(unlabelled) and report["pseudo_accuracy"] == pytest.approx(right)
+    assert stage.train.labels[-len(unlabelled):] == labels.tolist()             # trained on the teacher's labels
+    other = AugmentedFineTune(train, train, tok, unlabelled=unlabelled, teacher=FineTune("classify", train, train, tok,
+                                                                                          **args).wrap(gpt(2)), **args)
+    assert other.describe()["data"] != stage.describe()["data"]                # the teacher's weights are part of it
+
+
+def test_augmented_finetune_errors():
+    tok, train, unlabelled, gpt = _genre_data()
+    with pytest.raises(ValueError, match="teacher= labels the unlabelled= passages"):
+        AugmentedFineTune(train, train, tok, teacher=torch.nn.Linear(2, 2))
+    stage = AugmentedFineTune(train, train, tok, unlabelled=unlabelled, seq_len=16, steps=1, progress=False)
+    with pytest.raises(ValueError, match="pseudo-labels need a trained classifier"):
+        stage.run(gpt())
+    with pytest.raises(ValueError, match="fgm_eps=-1"):
+        AugmentedFineTune(train, train, tok, fgm_eps=-1)

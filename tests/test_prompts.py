@@ -1,22 +1,30 @@
-"""Tests of msopt.prompts: templates, verbalizer scoring, soft prompts (vs peft) and prefix tuning."""
+"""Tests of msopt.prompts: templates, verbalizer scoring, contextual calibration, soft prompts (vs peft), prefix tuning
+and the PromptTune stage."""
+import numpy as np
 import pytest
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from msopt.data import train_tokenizer
+from msopt.metrics import accuracy
 from msopt.models import GPT, GPTConfig, count_params, to_hf
 from msopt.prompts import (
+    CONTENT_FREE,
     PrefixCache,
     PrefixTuning,
     PromptData,
     PromptTemplate,
     SoftPrompt,
     choice_scores,
+    content_free_scores,
+    contextual_calibration,
     encode_choices,
     prompt_loss,
     prompt_predict,
     token_ids,
 )
+from msopt.stages import PromptTune
+from msopt.tasks import LabelledTexts
 from msopt.train import TrainConfig, Trainer
 
 TEXTS = ["To be, or not to be, that is the question", "All the world's a stage", "Now is the winter of our discontent",
@@ -197,3 +205,58 @@ def test_prompt_data_errors(tok):
         PromptData(tok, t, ["a"], [0, 1])
     with pytest.raises(ValueError, match="unknown reduce"):
         PromptData(tok, t, ["a"], [0], reduce="max")
+
+
+def test_contextual_calibration_divides_out_the_bias():
+    """Scores = evidence + a class prior that the prompt adds; content-free rows show that prior alone (at any offset):
+    calibration gives back the evidence. A uniform bias changes nothing; the argmax is the paper's W p."""
+    torch.manual_seed(0)
+    evidence, bias = torch.randn(20, 3).log_softmax(-1), torch.tensor([0.7, 0.2, 0.1])
+    scores = evidence + bias.log()
+    cf = bias.log().expand(2, 3) + torch.tensor([[0.3], [-1.0]])
+    assert torch.allclose(contextual_calibration(scores, cf), evidence.softmax(-1), atol=1e-6)
+    assert torch.allclose(contextual_calibration(scores, torch.zeros(3, 3)), scores.softmax(-1), atol=1e-6)
+    cf = torch.randn(3, 3)
+    p_cf = cf.softmax(-1).mean(0).numpy()
+    paper = scores.softmax(-1).numpy() @ np.linalg.inv(np.diag(p_cf)).T
+    assert (contextual_calibration(scores, cf).argmax(-1).numpy() == paper.argmax(-1)).all()
+    assert torch.allclose(contextual_calibration(scores, cf).sum(-1), torch.ones(20))
+
+
+@pytest.mark.parametrize("scores, cf", [(torch.zeros(4, 3), torch.zeros(2, 2)), (torch.zeros(3), torch.zeros(2, 3)),
+                                        (torch.zeros(4, 3), torch.zeros(0, 3))])
+def test_contextual_calibration_errors(scores, cf):
+    with pytest.raises(ValueError, match="must be \\(N, K\\) and \\(M, K\\)") as e:
+        contextual_calibration(scores, cf)
+    assert "\n" not in str(e.value)
+
+
+def test_content_free_scores_are_prompt_scores(tok):
+    torch.manual_seed(0)
+    g = GPT(GPTConfig.tiny(vocab_size=tok.get_vocab_size(), n_layer=1, n_embd=32, n_head=2)).eval()
+    t, demos = PromptTemplate("{text}\nGenre:", (" comedy", " tragedy")), [(TEXTS[0], 0), (TEXTS[1], 1)]
+    cf = content_free_scores(g, tok, t, demos, max_text_tokens=4)
+    want = prompt_predict(g, PromptData(tok, t, list(CONTENT_FREE), [0, 0, 0], demos, max_text_tokens=4))[1]
+    assert cf.shape == (3, 2) and torch.allclose(cf, want)
+    assert content_free_scores(g, tok, t, inputs=["N/A"]).shape == (1, 2)
+    with pytest.raises(ValueError, match="list of content-free strings"):
+        content_free_scores(g, tok, t, inputs="N/A")
+
+
+@pytest.mark.parametrize("method", ["soft", "prefix"])
+def test_prompt_tune_stage_predicts_and_evaluates(tok, method):
+    torch.manual_seed(0)
+    g = GPT(GPTConfig.tiny(vocab_size=tok.get_vocab_size(), n_layer=1, n_embd=32, n_head=2))
+    frozen = [p.clone() for p in g.parameters()]
+    data = LabelledTexts(TEXTS[:4] * 3, [0, 1, 0, 1] * 3, ["comedy", "tragedy"])
+    stage = PromptTune(data, data, tok, PromptTemplate("{text}\nGenre:", (" comedy", " tragedy")), method=method,
+                       n_virtual=3, steps=6, lr=5e-2, eval_every=2, batch_size=4, keep_best=True,
+                       select_by="accuracy", progress=False)
+    with pytest.raises(ValueError, match="run the stage"):
+        stage.predict(data)
+    report = stage.run(g)
+    preds, scores = stage.predict(data), stage.evaluate(data)
+    assert preds.shape == (12,) and scores["accuracy"] == accuracy(preds, data.labels) == report["accuracy"]
+    assert np.array(scores["confusion"]).sum() == 12 and report["accuracy"] >= report["accuracy_before"]
+    assert report.trainable_params == (3 * 32 if method == "soft" else 2 * 3 * 32)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, g.parameters()))           # the GPT stayed frozen

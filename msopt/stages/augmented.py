@@ -18,44 +18,54 @@ from .finetune import FineTuneClassifier
 class AugmentedFineTune(FineTuneClassifier):
     """Classification fine-tuning (`FineTuneClassifier`) with augmentation: `n_aug` EDA copies of every labelled
     passage (`eda` methods at rate `p`), `token_noise` (rate) on the training batches, FGM with radius `fgm_eps`,
-    and `unlabelled` passages (texts or `LabelledTexts`, whose labels are not used) labelled by the classifier the
-    stage is handed where it is at least `threshold` confident. Other arguments: those of `FineTuneClassifier`."""
+    and `unlabelled` passages (texts or `LabelledTexts`, whose labels are not used) pseudo-labelled where the
+    `teacher` (a trained classifier; default: the classifier the stage is handed, which then trains on) is at least
+    `threshold` confident. Other arguments: those of `FineTuneClassifier`."""
     kind = "finetune-augmented"
 
     def __init__(self, train=None, val=None, tokenizer=None, eda: Sequence[str] = METHODS, n_aug: int = 0,
                  p: float = 0.1, token_noise: float = 0.0, fgm_eps: float = 0.0, unlabelled=None,
-                 threshold: float = 0.9, **kwargs: Any):
+                 threshold: float = 0.9, teacher: nn.Module | None = None, **kwargs: Any):
         super().__init__(train, val, tokenizer, **kwargs)
         if not hasattr(train, "texts") and (n_aug or unlabelled is not None):
             raise ValueError("EDA copies and pseudo-labels work on texts: pass train= as LabelledTexts")
         if fgm_eps < 0 or not 0 <= token_noise < 1:
             raise ValueError(f"fgm_eps={fgm_eps} must be >= 0 and token_noise={token_noise} in [0, 1)")
+        if teacher is not None and unlabelled is None:
+            raise ValueError("teacher= labels the unlabelled= passages: pass unlabelled texts too, or no teacher")
         self.labelled = train
         if n_aug:
             self.train = augment_dataset(train, eda, n_aug=n_aug, p=p, seed=self.seed)
         self.eda, self.n_aug, self.p, self.token_noise, self.fgm_eps = list(eda), n_aug, p, token_noise, fgm_eps
         self.unlabelled = list(getattr(unlabelled, "texts", unlabelled)) if unlabelled is not None else None
-        self.threshold, self.pseudo = threshold, {}
+        self._true = getattr(unlabelled, "labels", None)                     # only to report how many were right
+        self.threshold, self.teacher, self.pseudo = threshold, teacher, {}
 
     def data(self) -> tuple:
-        return self.labelled, self.val, self.unlabelled
+        teacher = self.teacher.state_dict() if self.teacher is not None else None
+        return self.labelled, self.val, self.unlabelled, teacher
 
     def settings(self) -> dict:
         return {**super().settings(), "eda": self.eda, "n_aug": self.n_aug, "p": self.p,
                 "token_noise": self.token_noise, "fgm_eps": self.fgm_eps, "threshold": self.threshold}
 
     def prepare(self, net: nn.Module) -> None:
-        "Pseudo-label the unlabelled passages with the classifier the stage was handed (once, before training)."
+        """Pseudo-label the unlabelled passages (once, before training) and add those the teacher is sure of to the
+        training set; `measure` reports how many were kept (and, if the pool came with labels, how many are right)."""
         if self.unlabelled is None:
             return
-        if not self._handed_classifier:
-            raise ValueError("pseudo-labels need a trained classifier as the stage's input: put a FineTune stage "
-                             "before AugmentedFineTune, or hand it a SequenceClassifier")
+        teacher = self.teacher
+        if teacher is None and not self._handed_classifier:
+            raise ValueError("pseudo-labels need a trained classifier: pass teacher=, put a FineTune stage before "
+                             "AugmentedFineTune, or hand it a SequenceClassifier")
         pool = LabelledTexts(self.unlabelled, [0] * len(self.unlabelled), self.names)
         ids, mask, _ = pool.encode(self.tokenizer, self.seq_len)
-        keep, labels, _ = pseudo_label(net, ids, mask, self.threshold)
+        keep, labels, _ = pseudo_label(teacher if teacher is not None else net, ids, mask, self.threshold)
         kept = [self.unlabelled[i] for i in keep.tolist()]
         self.pseudo = {"pseudo_labelled": len(kept), "unlabelled": len(self.unlabelled)}
+        if self._true is not None and kept:
+            right = sum(int(self._true[i]) == y for i, y in zip(keep.tolist(), labels.tolist()))
+            self.pseudo["pseudo_accuracy"] = right / len(kept)
         self.train = LabelledTexts(list(self.train.texts) + kept, list(self.train.labels) + labels.tolist(),
                                    self.names)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from ..core import check_choice, check_int
-from ..metrics import accuracy, f1_score
+from ..metrics import accuracy, confusion_matrix, f1_score
 from ..prompts import PrefixTuning, PromptData, PromptTemplate, SoftPrompt, prompt_loss, prompt_predict
 from .base import Stage
 
@@ -18,7 +19,8 @@ class PromptTune(Stage):
     """Prompt learning on a frozen GPT: `method` 'soft' (prompt tuning: `n_virtual` trainable input embeddings) or
     'prefix' (prefix tuning: trainable keys and values at every layer), trained with the verbalizer loss of
     `template` on `train` (`LabelledTexts`; `val` for the dev accuracy). `demos` are few-shot examples put in every
-    prompt; texts are cut to `max_text_tokens`. Other arguments: those of `Stage`."""
+    prompt; texts are cut to `max_text_tokens`. `predict(data)` / `evaluate(data)` score any split with the trained
+    prompt, `stage.model`. Other arguments: those of `Stage`."""
     kind = "prompt-tune"
 
     def __init__(self, train=None, val=None, tokenizer=None, template: PromptTemplate | None = None,
@@ -32,9 +34,13 @@ class PromptTune(Stage):
         self.train, self.val, self.tokenizer, self.template, self.method = train, val, tokenizer, template, method
         self.n_virtual, self.demos = check_int(n_virtual, "n_virtual"), list(demos)
         self.max_text_tokens = max_text_tokens
-        self._data = {name: PromptData(tokenizer, template, d.texts, d.labels, demos, max_text_tokens,
-                                       self.batch_size, self.seed) for name, d in (("train", train), ("val", val))
+        self._data = {name: self.prompts(d, self.batch_size) for name, d in (("train", train), ("val", val))
                       if d is not None}
+
+    def prompts(self, data, batch_size: int = 32) -> PromptData:
+        "The prompts of `data` (`LabelledTexts`) as this stage writes them: template, demonstrations, cut texts."
+        return PromptData(self.tokenizer, self.template, data.texts, data.labels, self.demos, self.max_text_tokens,
+                          batch_size, self.seed)
 
     def data(self) -> tuple:
         return self.train, self.val, self.demos
@@ -67,6 +73,18 @@ class PromptTune(Stage):
 
     def measure(self, net: nn.Module) -> dict:
         return self.metrics(net)
+
+    def predict(self, data) -> torch.Tensor:
+        "The class (N,) that the trained prompt's verbalizer scores pick for every passage of `data`."
+        if self.model is None:
+            raise ValueError("predict needs a trained prompt: run the stage (or a Pipeline with it) first")
+        return prompt_predict(self.model, self.prompts(data, max(self.batch_size, 32)))[0]
+
+    def evaluate(self, data) -> dict:
+        "Accuracy, macro-F1 and the confusion matrix (rows true, columns predicted) of `stage.model` on `data`."
+        preds, k = self.predict(data), len(self.template.verbalizers)
+        return {"accuracy": accuracy(preds, data.labels), "macro_f1": f1_score(preds, data.labels, "macro", k),
+                "confusion": confusion_matrix(preds, data.labels, k).tolist()}
 
 # %% auto #0
 __all__ = ['PromptTune']
