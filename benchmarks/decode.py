@@ -1,20 +1,26 @@
 """Decoding speed on CPU: msopt greedy (KV cache) against transformers.generate, on the book's small GPT and on
-SmolLM2-135M, with the memory bandwidth each reaches; and self-speculative decoding (MTP heads) against msopt greedy.
-Same weights, same prompts, same process; the small model's outputs are asserted identical.
+SmolLM2-135M, with the memory bandwidth each reaches; and self-speculative decoding of SmolLM2 with multi-token heads
+trained on its frozen trunk (chapter 14's recipe) against msopt greedy. Same weights, same prompts, same process; the
+small model's and the speculative outputs are asserted identical to their reference.
 
-    python benchmarks/decode.py                        # all of it at 1 and 2 threads (about 10 min on 2 quiet cores)
+    python benchmarks/decode.py                        # all of it, 1 and 2 threads (about 25 min the first time)
     python benchmarks/decode.py --skip smollm2,speculative --threads 2
-    python benchmarks/decode.py --steps 300            # train the MTP model longer (higher acceptance)
+    python benchmarks/decode.py --skip small,smollm2   # only the speculative rows (heads reused from --heads)
     python benchmarks/decode.py --profile              # torch.profiler's top operators of one msopt greedy decode
 
 Every result is one JSON line: the device, torch threads, torch and transformers versions, the date, and the 1-minute
 load average at the start of the script and of that measurement (quote results from a quiet machine only: load < 1).
-Timed runs alternate between the contenders; medians are reported; ratio = msopt speed / peer speed.
+Timed runs alternate between the contenders; medians are reported; ratio = msopt speed / peer speed (speculative:
+speculative speed / greedy speed).
 
 Greedy lines also give the bytes of weights one decoding step reads (every matrix once; of an embedding table only
 the looked-up row, unless it is the tied output layer), the bandwidth that makes at msopt's speed, and its fraction of
 the copy bandwidth measured here with `torch` (bytes read + written, STREAM's convention, median of 7): of a large
 copy (main memory) and of a copy the size of the weights (it may fit in the CPU caches, as the small model does).
+
+The speculative heads (chained, with a draft vocabulary) are trained once with `msopt.stages.mtp_heads.MTPHeads` on
+SmolLM2's own greedy answers to `msopt.multitoken.chat_requests` (the first 32 requests are held out: 16 to test, 16
+to validate) and saved to `--heads`; later runs load them (delete the file to train again).
 """
 import argparse
 import datetime
@@ -27,12 +33,12 @@ import warnings
 
 import torch
 import transformers
+from safetensors.torch import load_model, save_model
 
-from msopt.data import RandomBlocks, encode_documents, load_corpus, split_documents, train_tokenizer
-from msopt.generate import generate
-from msopt.losses import mtp_loss
+from msopt.generate import default_stop_tokens, generate
 from msopt.models import GPT, GPTConfig, from_hf, load_smollm2_hf, to_hf
-from msopt.multitoken import speculative_generate
+from msopt.multitoken import add_mtp_heads, chat_requests, greedy_continuations, speculative_generate
+from msopt.stages.mtp_heads import MTPHeads
 
 LOAD_AT_START = os.getloadavg()[0]
 
@@ -123,50 +129,68 @@ def small_gpt() -> tuple[GPT, object]:
     return model, to_hf(model).eval()
 
 
-def smollm2() -> tuple[GPT, object, torch.Tensor]:
-    "SmolLM2-135M-Instruct (offline) as msopt and transformers models, and a chat prompt (1, T)."
+def smollm2() -> tuple[GPT, object, object]:
+    "SmolLM2-135M-Instruct (offline) as msopt and transformers models (the same weights), and its tokenizer."
     hf, tok = load_smollm2_hf()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
-                                     add_generation_prompt=True, tokenize=False)
-    return from_hf(hf).eval(), hf, tok(prompt, return_tensors="pt").input_ids
+    return from_hf(hf).eval(), hf, tok
 
 
-def mtp_model(steps: int, k: int) -> tuple[GPT, list[torch.Tensor]]:
-    "A small GPT with `k` extra heads trained `steps` steps on Shakespeare, and four validation prompts (1, 32)."
-    docs = load_corpus("shakespeare")
-    train_docs, val_docs = split_documents(docs, val_fraction=0.1, seed=0)
-    tok = train_tokenizer([d.text for d in train_docs], vocab_size=1024)
-    data = RandomBlocks(encode_documents(tok, train_docs), 128, 16, seed=0)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.small(1024, n_layer=4, n_head=4, n_embd=256, n_mtp=k))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(steps):
-        x, y = data.batch(step)
-        loss = mtp_loss(model(x, mtp=True), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    prompts = [torch.tensor([tok.encode(d.text[1000:1200]).ids[:32]]) for d in val_docs[:4]]
-    return model.eval(), prompts
+def chat_ids(tok, text: str) -> list[int]:
+    "The token ids of one user turn in SmolLM2's chat template, ready for the assistant's answer."
+    text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok.encode(text)
 
 
-def speculative_vs_greedy(model: GPT, prompts: list[torch.Tensor], n: int, reps: int, steps: int) -> None:
-    "Time self-speculative decoding against msopt greedy on `prompts` and print the JSON line."
-    load = os.getloadavg()[0]
-    k = model.config.n_mtp
-    runs = [speculative_generate(model, p, n)[1] for p in prompts]
-    acc = [round(sum(r.accepted[j] for r in runs) / sum(r.proposed[j] for r in runs), 3) for j in range(k)]
-    tpf = sum(r.new_tokens for r in runs) / sum(r.forwards for r in runs)
+def speculative_heads(model: GPT, tok, path: str, k: int, vocab: int, prompts: int, new: int, steps: int) -> dict:
+    """Give `model` chained heads with a draft vocabulary: loaded from `path` when it holds them, else trained on the
+    frozen model (MTPHeads) from its greedy answers to `chat_requests()[32:32 + prompts]` and saved there."""
+    add_mtp_heads(model, k, vocab, chain=True)
+    if os.path.isfile(path):
+        load_model(model.mtp_heads, path)
+        return {"heads": path, "trained_now": False}
+    requests, stops = chat_requests(), default_stop_tokens(tok)
+    train, val = requests[32:32 + prompts], requests[16:32]
+    start = time.perf_counter()
+    data = greedy_continuations(model, [chat_ids(tok, r) for r in train + val], new, batch_size=64, stop_tokens=stops)
+    lens = [len(chat_ids(tok, r)) for r in train + val]
+    stage = MTPHeads(data[:len(train)], data[len(train):], k=k, vocab=vocab, chain=True, prompt_lens=lens[:len(train)],
+                     val_prompt_lens=lens[len(train):], steps=steps, lr=2e-3, warmup_steps=20,
+                     eval_every=max(1, steps // 4), keep_best=True, progress=False)
+    report = stage.run(model)
+    model.eval()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_model(model.mtp_heads, path)
+    return {"heads": path, "trained_now": True, "distill_prompts": len(train), "distill_new_tokens": new,
+            "head_steps": steps, "head_val_top1": [report.after[f"head{j + 1}_top1"] for j in range(k)],
+            "draft_vocab_coverage": report.after["draft_vocab_coverage"],
+            "prepare_and_train_s": round(time.perf_counter() - start, 1)}
+
+
+def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_timed: int, about: dict) -> None:
+    """Acceptance per head on `n_test` held-out requests (outputs asserted equal to greedy), then the time of
+    speculative decoding with 1..k drafts against msopt greedy on the first `n_timed`, alternating; one JSON line."""
+    load, k = os.getloadavg()[0], model.config.n_mtp
+    prompts = [torch.tensor([chat_ids(tok, r)]) for r in chat_requests()[:n_test]]
     with torch.no_grad():
-        for p in prompts:
-            assert torch.equal(speculative_generate(model, p, n)[0], generate(model, p, n, stop_tokens=[]))
-        t = alternate({"greedy": lambda: [generate(model, p, n, stop_tokens=[]) for p in prompts],
-                       "speculative": lambda: [speculative_generate(model, p, n) for p in prompts]}, reps)
-    m = len(prompts) * n
-    line(benchmark="self-speculative vs greedy", model=f"gpt2-style 4x256, vocab 1024, {k} MTP heads, {steps} steps",
-         new_tokens=n, reps=reps, load_avg=round(load, 2), acceptance_per_head=acc, tokens_per_forward=round(tpf, 2),
-         greedy_tok_s=round(m / t["greedy"], 1), speculative_tok_s=round(m / t["speculative"], 1),
-         ratio=round(t["greedy"] / t["speculative"], 2))
+        stats = {}
+        for j in range(1, k + 1):
+            for p in prompts:
+                out, st = speculative_generate(model, p, n, n_draft=j)
+                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
+                stats[j] = st if j not in stats else stats[j] + st
+        fns = {"greedy": lambda: [generate(model, p, n, stop_tokens=[]) for p in prompts[:n_timed]]}
+        fns.update({f"k={j}": (lambda j=j: [speculative_generate(model, p, n, n_draft=j) for p in prompts[:n_timed]])
+                    for j in range(1, k + 1)})
+        t = alternate(fns, reps)
+    m = n_timed * n
+    line(benchmark="self-speculative (chained MTP heads on the frozen trunk) vs msopt greedy",
+         model="SmolLM2-135M-Instruct (llama-style, float32)", new_tokens=n, test_prompts=n_test,
+         timed_prompts=n_timed, reps=reps, load_avg=round(load, 2), same_tokens=True,
+         acceptance_per_head={j: [round(a, 3) for a in st.acceptance] for j, st in stats.items()},
+         tokens_per_forward={j: round(st.tokens_per_forward, 2) for j, st in stats.items()},
+         greedy_tok_s=round(m / t["greedy"], 1),
+         speculative_tok_s={j: round(m / t[f"k={j}"], 1) for j in range(1, k + 1)},
+         ratio={j: round(t["greedy"] / t[f"k={j}"], 2) for j in range(1, k + 1)}, **about)
 
 
 def profile_greedy(n: int) -> None:
@@ -191,13 +215,20 @@ def profile_greedy(n: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per run, small model and speculative")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per run of the small model")
     ap.add_argument("--smollm2-tokens", type=int, default=64, help="new tokens per run of SmolLM2-135M")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
     ap.add_argument("--skip", default="", help="comma-separated: small, smollm2, speculative")
-    ap.add_argument("--steps", type=int, default=200, help="training steps of the MTP model")
-    ap.add_argument("--k", type=int, default=3, help="extra heads of the MTP model")
+    ap.add_argument("--heads", default="runs/bench/smollm2_mtp_heads.safetensors",
+                    help="SmolLM2's trained heads: loaded if the file exists, else trained and saved there")
+    ap.add_argument("--k", type=int, default=3, help="extra heads")
+    ap.add_argument("--vocab", type=int, default=4096, help="the heads' draft vocabulary")
+    ap.add_argument("--distill-prompts", type=int, default=640, help="requests whose greedy answers train the heads")
+    ap.add_argument("--distill-tokens", type=int, default=128, help="new tokens of each of those answers")
+    ap.add_argument("--head-steps", type=int, default=800, help="training steps of the heads")
+    ap.add_argument("--test-prompts", type=int, default=16, help="held-out requests for acceptance (and equality)")
+    ap.add_argument("--timed-prompts", type=int, default=4, help="of which timed")
     ap.add_argument("--profile", action="store_true", help="only profile one msopt greedy decode (at --threads' first)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -208,8 +239,13 @@ def main():
         return profile_greedy(args.new_tokens)
 
     small = None if "small" in skip else small_gpt()
-    smol = None if "smollm2" in skip else smollm2()
-    mtp = None if "speculative" in skip else mtp_model(args.steps, args.k)
+    smol = None if {"smollm2", "speculative"} <= skip else smollm2()
+    heads = None
+    if "speculative" not in skip:
+        torch.set_num_threads(max(threads))
+        spec_model = from_hf(smol[1]).eval()                                         # a copy that gets the heads
+        heads = speculative_heads(spec_model, smol[2], args.heads, args.k, args.vocab, args.distill_prompts,
+                                  args.distill_tokens, args.head_steps)
     ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
     for t in threads:
         torch.set_num_threads(t)
@@ -217,12 +253,14 @@ def main():
         if small:
             greedy_vs_transformers("gpt2-style 4x256, vocab 2048", *small, ids, args.new_tokens, args.reps,
                                    copy_gbps, must_match=True)
-        if smol:
-            model, hf, prompt = smol
+        if smol and "smollm2" not in skip:
+            model, hf, tok = smol
+            prompt = torch.tensor([chat_ids(tok, "Write a short poem about the sea.")])
             greedy_vs_transformers("SmolLM2-135M-Instruct (llama-style, float32)", model, hf, prompt,
                                    args.smollm2_tokens, max(args.reps // 2, 3), copy_gbps, must_match=False)
-        if mtp:
-            speculative_vs_greedy(*mtp, args.new_tokens, args.reps, args.steps)
+        if heads is not None:
+            speculative_vs_greedy(spec_model, smol[2], args.smollm2_tokens, max(args.reps // 2, 3), args.test_prompts,
+                                  args.timed_prompts, heads)
 
 
 if __name__ == "__main__":

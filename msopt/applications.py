@@ -6,10 +6,14 @@ from __future__ import annotations
 import lzma
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 
+import numpy as np
+
 from .data import Document
+from .metrics import tokenize_13a
 from .tasks import speeches
 
 
@@ -50,7 +54,53 @@ def translation_pairs(rows: Sequence[dict], test_books: Sequence[str] = ("Philip
     return train, test
 
 # %% auto #0
-__all__ = ['load_bible', 'translation_pairs', 'speaker_turns', 'sonnets']
+__all__ = ['load_bible', 'translation_pairs', 'bleu_stats', 'bleu_from_stats', 'bleu_bootstrap', 'speaker_turns',
+           'speaker_questions', 'sonnets']
+
+# %% ../nbs/17_applications.ipynb #a88492b6
+def bleu_stats(hyps: Sequence[str], refs: Sequence[str], max_order: int = 4) -> np.ndarray:
+    """Per-sentence BLEU counts (N, 2 * max_order + 2): n-gram matches and totals for each order, then the
+    hypothesis and reference lengths (13a tokens, as `msopt.metrics.bleu`); summed over any subset of the sentences
+    they give that subset's corpus BLEU (`bleu_from_stats`), which is what a bootstrap needs."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references: give one reference per hypothesis")
+    out = np.zeros((len(hyps), 2 * max_order + 2))
+    for i, (h, r) in enumerate(zip(hyps, refs)):
+        h, r = tokenize_13a(h), tokenize_13a(r)
+        for n in range(1, max_order + 1):
+            hg = Counter(tuple(h[j:j + n]) for j in range(len(h) - n + 1))
+            rg = Counter(tuple(r[j:j + n]) for j in range(len(r) - n + 1))
+            out[i, n - 1], out[i, max_order + n - 1] = sum((hg & rg).values()), sum(hg.values())
+        out[i, -2:] = len(h), len(r)
+    return out
+
+
+def bleu_from_stats(stats: np.ndarray, max_order: int = 4) -> np.ndarray:
+    """Corpus BLEU (0-100) with sacrebleu's default 'exp' smoothing from summed `bleu_stats`: (..., 2 * max_order + 2)
+    counts give (...) scores, so that a stack of resampled sums is scored at once."""
+    correct, total = stats[..., :max_order], stats[..., max_order:2 * max_order]
+    sys_len, ref_len = stats[..., -2], stats[..., -1]
+    zero = np.cumsum(correct == 0, axis=-1)                                   # k-th zero count gets 1 / 2^k
+    precision = np.where(correct > 0, correct, 1.0 / 2.0 ** zero) / np.maximum(total, 1)
+    log_p = np.where(total > 0, np.log(precision), 0.0).mean(-1)
+    bp = np.where(sys_len > 0, np.exp(np.minimum(0.0, 1 - ref_len / np.maximum(sys_len, 1))), 0.0)
+    scored = (correct.sum(-1) > 0) & (total > 0).all(-1)                      # as sacrebleu: else BLEU is 0
+    return np.where(scored, 100 * bp * np.exp(log_p), 0.0)
+
+
+def bleu_bootstrap(hyps: Sequence[str], refs: Sequence[str], baseline: Sequence[str] | None = None,
+                   n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(BLEU, low, high) of `hyps`, or, given `baseline` hypotheses of the same sentences, (BLEU difference, low,
+    high): the percentile interval of corpus BLEU recomputed on sentences drawn with replacement, both systems on
+    the same draws (paired bootstrap resampling, Koehn 2004)."""
+    a = bleu_stats(hyps, refs)
+    b = bleu_stats(baseline, refs) if baseline is not None else None
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(a), len(a)), minlength=len(a)) for _ in range(n_boot)])
+    reps = bleu_from_stats(counts @ a) - (bleu_from_stats(counts @ b) if b is not None else 0.0)    # (n_boot,)
+    est = bleu_from_stats(a.sum(0)) - (bleu_from_stats(b.sum(0)) if b is not None else 0.0)
+    low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(est), float(low), float(high)
 
 # %% ../nbs/17_applications.ipynb #b79ea5dc
 def speaker_turns(doc: Document | str) -> list[tuple[str, str]]:
@@ -60,6 +110,28 @@ def speaker_turns(doc: Document | str) -> list[tuple[str, str]]:
     text = doc.text if isinstance(doc, Document) else doc
     start = re.search(r"^ACT I\b", text, re.M | re.I)                     # skip the list of persons before act 1
     return [(speaker, lines[0]) for speaker, lines in speeches(text[start.start() if start else 0:])]
+
+# %% ../nbs/17_applications.ipynb #c03970c9
+def speaker_questions(docs: Sequence[Document], n_per_play: int, candidates: int = 3, lines: int = 2,
+                      cast: int = 6, seed: int = 0) -> list[dict]:
+    """Multiple-choice questions "who speaks these lines?" from plays: per play, `n_per_play` speeches of its `cast`
+    most frequent speakers (their first `lines` lines; at least two lines of text) and `candidates` names, the right
+    one among others of the cast, in random order. Each question is a dict: 'play' (its id, the unit to resample),
+    'title', 'passage', 'options', 'answer' and 'counts' (speeches per name in the play)."""
+    rng, out = random.Random(seed), []
+    for doc in docs:
+        turns = [(name, text[:lines]) for name, text in speeches(doc.text) if len(text) >= lines]
+        counts = Counter(name for name, _ in speeches(doc.text))
+        names = [n for n, _ in counts.most_common(cast)]
+        if len(names) < candidates:
+            raise ValueError(f"{doc.id} has {len(names)} speakers in its cast, fewer than candidates={candidates}")
+        pool = [t for t in turns if t[0] in names]
+        for name, text in rng.sample(pool, min(n_per_play, len(pool))):
+            options = [name] + rng.sample([n for n in names if n != name], candidates - 1)
+            rng.shuffle(options)
+            out.append(dict(play=doc.id, title=doc.title, passage="\n".join(text), options=options, answer=name,
+                            counts={n: counts[n] for n in options}))
+    return out
 
 # %% ../nbs/17_applications.ipynb #5ee4cd5a
 def sonnets(doc: Document | str) -> list[tuple[list[str], list[str]]]:

@@ -3,6 +3,8 @@
 # %% ../nbs/13_prediction.ipynb #6c7e2df9
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -13,7 +15,8 @@ from .models import GPT, check_ids
 
 def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Logits (B, V) with every token present in `ids` (B, T) (where `mask` is 1) made less likely by the factor `penalty`."
+    """Logits (B, V) with every token present in `ids` (B, T) (where `mask` is 1) made less likely by the factor
+    `penalty`."""
     if penalty == 1.0:
         return logits
     weights = torch.ones_like(ids, dtype=logits.dtype) if mask is None else mask.to(logits.dtype)
@@ -53,7 +56,8 @@ def process_logits(logits: torch.Tensor, ids: torch.Tensor | None = None, mask: 
 
 # %% auto #0
 __all__ = ['repetition_penalty', 'top_k_filter', 'top_p_filter', 'process_logits', 'Decoder', 'default_stop_tokens',
-           'left_pad', 'check_generation_args', 'generate', 'stream', 'beam_search', 'keyword_hook', 'keyword_coverage']
+           'left_pad', 'check_generation_args', 'generate', 'stream', 'beam_search', 'distinct_n', 'repetition_rate',
+           'continuation_logprobs', 'continuation_perplexity', 'keyword_hook', 'keyword_coverage']
 
 # %% ../nbs/13_prediction.ipynb #81b1bbc3
 class Decoder:
@@ -116,7 +120,8 @@ def _token_id(tokenizer, token: str) -> int | None:
 
 def default_stop_tokens(tokenizer) -> list[int]:
     "End-of-text ids of a tokenizer: its eos token, and '<|endoftext|>' / '<|im_end|>' when it has them."
-    ids = [getattr(tokenizer, "eos_token_id", None)] + [_token_id(tokenizer, t) for t in ("<|endoftext|>", "<|im_end|>")]
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    ids += [_token_id(tokenizer, t) for t in ("<|endoftext|>", "<|im_end|>")]
     return sorted({i for i in ids if i is not None})
 
 
@@ -153,8 +158,10 @@ def check_generation_args(*, max_new_tokens: int, temperature: float, top_k: int
 def _prepare(model: GPT, prompts, attention_mask, tokenizer, pad_id: int | None, max_new_tokens: int):
     "(ids (B, T), mask (B, T) or None, kind of input, pad id) from strings, id lists or a tensor; checks ids, lengths."
     if not isinstance(model, GPT):
-        raise TypeError(f"generate decodes msopt GPT models, got {type(model).__name__}: convert with msopt.models.from_hf")
-    single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int))
+        raise TypeError(f"generate decodes msopt GPT models, got {type(model).__name__}: "
+                        "convert with msopt.models.from_hf")
+    single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
+                                          and isinstance(prompts[0], int))
     if isinstance(prompts, torch.Tensor):
         kind, ids = "tensor", prompts if prompts.dim() == 2 else prompts[None]
         mask = attention_mask
@@ -226,12 +233,12 @@ def _sample_tokens(model: GPT, ids: torch.Tensor, mask: torch.Tensor | None, max
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts, max_new_tokens: int = 32, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, num_return_sequences: int = 1, stop_tokens: Sequence[int] | None = None,
-             stop_strings: Sequence[str] = (), pad_id: int | None = None, generator: torch.Generator | None = None,
-             logits_hook=None, compile: bool = False):
+def generate(model: GPT, prompts, max_new_tokens: int = 32, *, tokenizer=None,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+             stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), pad_id: int | None = None,
+             generator: torch.Generator | None = None, logits_hook=None, compile: bool = False):
     """Continue `prompts` with an msopt `GPT`: greedy (default), sampling (`do_sample`, with `temperature`, `top_k`,
     `top_p`), `repetition_penalty`, or beam search (`num_beams` > 1, `length_penalty`, `early_stopping`).
 
@@ -242,7 +249,8 @@ def generate(model: GPT, prompts, max_new_tokens: int = 32, *, tokenizer=None, a
     `logits_hook(logits (B, V), new_ids (B, n)) -> logits` edits each step's logits (e.g. keyword boosts);
     `compile` runs the model under `torch.compile`."""
     check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          rep_penalty=repetition_penalty, num_beams=num_beams, num_return_sequences=num_return_sequences)
+                          rep_penalty=repetition_penalty, num_beams=num_beams,
+                          num_return_sequences=num_return_sequences)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the text: pass tokenizer=")
     if stop_tokens is None:
@@ -392,16 +400,72 @@ def beam_search(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor | No
     n_out = int(done_len[:, :r].max())
     return done_seqs[:, :r, :T + n_out].reshape(B * r, T + n_out)
 
+# %% ../nbs/13_prediction.ipynb #ef817e66
+def _words(text: str) -> list[str]:
+    "Lower-cased words and punctuation marks of `text`."
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    "Distinct-n: the number of different word n-grams in `texts` over the number of n-grams (1 = none repeats)."
+    grams = [tuple(w[i:i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
+    "seq-rep-n: per text, the share of its word n-grams that occurred earlier in it; the mean over `texts`."
+    rates = []
+    for w in map(_words, texts):
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        if grams:
+            rates.append(1 - len(set(grams)) / len(grams))
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+@torch.no_grad()
+def continuation_logprobs(model: GPT, tokenizer, prompts: Sequence[str], texts: Sequence[str],
+                          batch_size: int = 16) -> list[tuple[float, int]]:
+    """(log-probability, number of tokens) of each text given its prompt under `model`: the prompt and the text are
+    encoded apart and joined, and only the text's tokens are scored (a text is cut to fit the context, its prompt to
+    half of it)."""
+    if len(prompts) != len(texts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(texts)} texts: give one prompt per text")
+    ctx, device = model.config.block_size, model.lm_head.weight.device
+    rows = [(_encode(tokenizer, p)[-(ctx // 2):] or [0], _encode(tokenizer, t)) for p, t in zip(prompts, texts)]
+    rows = [(p, t[: ctx - len(p)]) for p, t in rows]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        T = max(len(p) + len(t) for p, t in chunk)
+        ids = torch.tensor([p + t + [0] * (T - len(p) - len(t)) for p, t in chunk], device=device)  # right-padded
+        target = torch.full_like(ids, -100)
+        for b, (p, t) in enumerate(chunk):
+            target[b, len(p) - 1: len(p) + len(t) - 1] = ids[b, len(p): len(p) + len(t)]  # the text's tokens only
+        logp = -F.cross_entropy(model(ids).transpose(1, 2).float(), target, reduction="none")  # (b, T)
+        out += [(float(row.sum()), len(t)) for row, (_, t) in zip(logp, chunk)]
+    return out
+
+
+def continuation_perplexity(model: GPT, tokenizer, prompts: Sequence[str], texts: Sequence[str],
+                            batch_size: int = 16) -> float:
+    "The perplexity of the texts given their prompts under `model`, over all their tokens pooled."
+    scores = continuation_logprobs(model, tokenizer, prompts, texts, batch_size)
+    return math.exp(-sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1))
+
 # %% ../nbs/13_prediction.ipynb #3e0c95ec
-def keyword_hook(keyword_ids: Sequence[Sequence[int]], bonus: float):
+def keyword_hook(keyword_ids: Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]], bonus: float):
     """A `logits_hook` for `generate`: adds `bonus` to the logit of the next token of every keyword (a list of token
-    ids) that the new text does not contain yet, continuing a partly written keyword where the text ends with its start."""
-    keywords = [list(k) for k in keyword_ids if len(k)]
+    ids) that the new text of a row does not contain yet, continuing a partly written keyword where the text ends
+    with its start. `keyword_ids`: the keywords of every row, or one list of keywords per row of the batch."""
+    shared = bool(keyword_ids) and bool(keyword_ids[0]) and isinstance(keyword_ids[0][0], int)
+    per_row = [[list(k) for k in kws if len(k)] for kws in ([keyword_ids] if shared else keyword_ids)]
 
     def hook(logits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if not shared and len(per_row) != len(logits):
+            raise ValueError(f"keyword_hook has keywords for {len(per_row)} rows but the batch has {len(logits)}")
         logits = logits.clone()
         for b, row in enumerate(new.tolist()):
-            for kw in keywords:
+            for kw in per_row[0 if shared else b]:
                 if any(row[i:i + len(kw)] == kw for i in range(len(row) - len(kw) + 1)):
                     continue                                                        # already covered
                 done = next((j for j in range(len(kw) - 1, 0, -1) if row[len(row) - j:] == kw[:j]), 0)
@@ -412,7 +476,6 @@ def keyword_hook(keyword_ids: Sequence[Sequence[int]], bonus: float):
 
 def keyword_coverage(texts: Sequence[str], keywords: Sequence[Sequence[str]]) -> float:
     "Mean fraction of each text's keywords that occur in it as whole words (case-insensitive)."
-    import re
     if len(texts) != len(keywords):
         raise ValueError(f"got {len(texts)} texts but {len(keywords)} keyword lists: give one list per text")
     scores = [sum(bool(re.search(rf"\b{re.escape(k.lower())}\b", t.lower())) for k in kws) / len(kws)

