@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +24,7 @@ from ..models import count_params
 from ..train import Callback, History, TrainConfig, Trainer, latest_checkpoint
 
 # %% auto #0
-__all__ = ['context_length', 'vocab_size', 'check_fits', 'fingerprint', 'StageReport', 'Stage']
+__all__ = ['context_length', 'vocab_size', 'check_fits', 'frozen', 'fingerprint', 'StageReport', 'Stage']
 
 # %% ../../nbs/06_pretraining.ipynb #595b9987
 def context_length(model: nn.Module) -> int | None:
@@ -54,6 +54,20 @@ def check_fits(model: nn.Module, ids, seq_len: int, what: str = "data") -> None:
     if vocab is not None and top >= vocab:
         raise ValueError(f"{what} has token id {top} but the model's vocabulary has {vocab} entries: tokenizer and "
                          f"model vocabularies differ; build the model with vocab_size >= {top + 1}")
+
+
+@contextmanager
+def frozen(params):
+    """Freeze `params` (those that are trainable) for the duration of the block and thaw them after it, even on an
+    error: a stage's `train_context` for what it leaves untouched."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def fingerprint(*parts) -> str:

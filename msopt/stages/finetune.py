@@ -5,7 +5,6 @@
 # %% ../../nbs/08_finetuning.ipynb #4b65641a
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -17,7 +16,7 @@ from ..heads import POOLS, SequenceClassifier, predict_labels
 from ..metrics import accuracy, confusion_matrix, f1_score
 from ..objectives import classify_batch_loss, sft_batch_loss
 from ..tasks import TEMPLATES, encode_sft, encode_texts
-from .base import Stage, check_fits
+from .base import Stage, check_fits, frozen
 
 TASKS = ("classify", "sft")
 
@@ -135,17 +134,9 @@ class FineTuneClassifier(Stage):
         c = self.config
         return torch.optim.AdamW(self.param_groups(net), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
-    @contextmanager
     def train_context(self, net: nn.Module):
         "With `freeze`, the backbone's trainable parameters are frozen for the stage and thawed after it."
-        frozen = [p for p in net.backbone.parameters() if p.requires_grad] if self.freeze else []
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        return frozen(net.backbone.parameters() if self.freeze else [])
 
     def _scores(self, net: nn.Module, data) -> dict:
         ids, mask, labels = self.encode(data)

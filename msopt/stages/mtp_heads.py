@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from ..core import check_int
 from ..models import GPT
 from ..multitoken import add_mtp_heads
 from ..optim import param_groups
-from .base import Stage
+from .base import Stage, frozen
 
 
 class CachedStates:
@@ -166,17 +165,9 @@ class MTPHeads(Stage):
         c = self.config
         return torch.optim.AdamW(param_groups(net.mtp_heads, c.weight_decay), lr=c.lr, betas=c.betas)
 
-    @contextmanager
     def train_context(self, net: nn.Module):
         "The trunk and the main head are frozen for the stage (the loss never reaches them) and thawed after it."
-        frozen = [p for n, p in net.named_parameters() if not n.startswith("mtp_heads.") and p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        return frozen(p for n, p in net.named_parameters() if not n.startswith("mtp_heads."))
 
     @torch.no_grad()
     def measure(self, net: nn.Module) -> dict:
