@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import check_int
 from .generate import generate
 from .models import GPT, MTPHead, check_ids, init_weights
 
@@ -45,9 +46,7 @@ def add_mtp_heads(model: GPT, k: int, vocab: int = 0, chain: bool = False, seed:
     token before its target (`MTPHead`); the trunk and the main head are not touched."""
     if not isinstance(model, GPT):
         raise TypeError(f"add_mtp_heads extends msopt GPT models, got {type(model).__name__}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1 (the number of extra heads), got {k!r}")
-    config = replace(model.config, n_mtp=k, mtp_vocab=vocab, mtp_chain=chain)
+    config = replace(model.config, n_mtp=check_int(k, "k"), mtp_vocab=vocab, mtp_chain=chain)
     p = model.lm_head.weight
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
