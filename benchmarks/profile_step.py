@@ -17,13 +17,12 @@ import time
 import warnings
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from train_throughput import CONFIGS, model_pair
 
 from msopt.core import get_device
 from msopt.losses import clm_loss
-from msopt.models import GPT, GPTConfig
 
-CONFIG = dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=256)
+CONFIG = {k: v for k, v in CONFIGS["small"].items() if k not in ("batch", "seq_len")}
 
 
 def timed(fn, device) -> float:
@@ -49,11 +48,7 @@ def main():
     device = get_device(args.device)
     load = os.getloadavg()[0]
     torch.manual_seed(0)
-    ours = GPT(GPTConfig(block_size=args.seq_len, **CONFIG)).to(device)
-    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=CONFIG["vocab_size"], n_positions=args.seq_len,
-                                        n_embd=CONFIG["n_embd"], n_layer=CONFIG["n_layer"], n_head=CONFIG["n_head"],
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                        eos_token_id=0, attn_implementation="sdpa")).to(device)
+    ours, theirs = model_pair(CONFIG, args.seq_len, device)
     x = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
     models = {"msopt": (ours, lambda m: m(x)), "transformers": (theirs, lambda m: m(x).logits)}

@@ -34,6 +34,16 @@ CONFIGS = {
 }
 
 
+def model_pair(cfg: dict, seq_len: int, device) -> tuple[GPT, GPT2LMHeadModel]:
+    "msopt's GPT and transformers' GPT2LMHeadModel of the shape `cfg` (vocab_size, n_layer, n_head, n_embd)."
+    ours = GPT(GPTConfig(block_size=seq_len, **cfg)).to(device)
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=cfg["vocab_size"], n_positions=seq_len, n_embd=cfg["n_embd"],
+                                        n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                        attn_implementation="sdpa")).to(device)
+    return ours, theirs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="GPT-2 124M at 1024 in bf16 with compile and fused AdamW")
@@ -59,11 +69,7 @@ def main():
     compiled = args.compile if args.compile is not None else gpu
     torch.manual_seed(0)
 
-    ours = GPT(GPTConfig(block_size=seq_len, **cfg)).to(device)
-    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=cfg["vocab_size"], n_positions=seq_len, n_embd=cfg["n_embd"],
-                                        n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                                        attn_implementation="sdpa")).to(device)
+    ours, theirs = model_pair(cfg, seq_len, device)
     x = torch.randint(0, cfg["vocab_size"], (batch, seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
     n_params = sum(p.numel() for n, p in ours.named_parameters() if "wpe" not in n)
