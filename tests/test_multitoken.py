@@ -143,6 +143,30 @@ def test_speculative_equals_greedy_smollm2_shape(chain):
             assert stats.new_tokens == 40 and stats.forwards <= 40
 
 
+def test_mtp_heads_distill_learns_the_trunks_distribution():
+    model = smollm2_like()
+    prompts = [torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(10)]
+    seqs = greedy_continuations(model, prompts, 24, batch_size=5)
+    with torch.no_grad():
+        before = model(torch.tensor(seqs[:2]))
+    stage = MTPHeads(seqs[:8], seqs[8:], k=2, chain=True, prompt_lens=[6] * 8, val_prompt_lens=[6] * 2, distill=4,
+                     steps=8, lr=3e-3, eval_every=4, progress=False, batch_size=32)
+    report = stage.run(model)
+    data = stage._train
+    ids, probs = data.soft                                                        # (P, 2, 4) each
+    assert ids.shape == probs.shape == (*data.targets.shape, 4) and len(data.batch(0)) == 5
+    ok = data.targets >= 0
+    assert (ids[..., 0][ok] == data.targets[ok]).float().mean() > 0.99         # greedy text: the top token is next
+    assert (probs[..., :-1] >= probs[..., 1:]).all() and (probs.sum(-1) <= 1 + 1e-5).all()
+    assert report.val_loss < report.val_loss_before
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor(seqs[:2])), before)                # the trunk and main head untouched
+    assert stage.settings()["distill"] == 4 and "distill" not in MTPHeads(seqs, k=2).settings()
+    with pytest.raises(ValueError, match="distill must be"):
+        MTPHeads(seqs, k=2, distill=-1)
+
+
 def test_add_mtp_heads():
     model = GPT(GPTConfig.tiny(V, n_layer=1, n_embd=64))
     a = add_mtp_heads(model, 2, vocab=20, chain=True, seed=3)

@@ -21,15 +21,19 @@ from .base import Stage, frozen
 class CachedStates:
     """Batches of cached hidden states: `batch(i)` is (targets (B, k), states (B, C), tokens (B, k)) of `batch_size`
     positions drawn at random, deterministic in `seed` and `i`. At position t, target j is token t + 2 + j and token
-    j is token t + 1 + j, the one before it (what chained heads read); -100 marks no target."""
+    j is token t + 1 + j, the one before it (what chained heads read); -100 marks no target. With `soft` = (ids,
+    probs), each (P, k, m): the trunk's m most likely tokens at the position before each target and their
+    probabilities (-100: outside the heads' vocabulary), which `batch(i)` appends."""
     def __init__(self, states: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor, batch_size: int,
-                 seed: int = 0):
+                 seed: int = 0, soft: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.states, self.targets, self.tokens, self.batch_size, self.seed = states, targets, tokens, batch_size, seed
+        self.soft = soft
 
-    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, i: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         rows = torch.randint(0, len(self.states), (self.batch_size,), generator=g)
-        return self.targets[rows], self.states[rows], self.tokens[rows]
+        soft = () if self.soft is None else tuple(t[rows] for t in self.soft)
+        return (self.targets[rows], self.states[rows], self.tokens[rows]) + soft
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         "Every position once, in order, in batches of `batch_size` (validation)."
@@ -50,16 +54,23 @@ class MTPHeads(Stage):
     most frequent targets of `train` (0: the whole vocabulary); `chain`: heads that read the token before their
     target (`MTPHead`); `batch_size` counts positions. Measures each head's top-1 agreement with its targets on
     `val` (for a chained head, given the true tokens before: the case that matters when its draft is verified) and
-    the share of the targets inside the draft vocabulary. Other arguments: those of `Stage`."""
+    the share of the targets inside the draft vocabulary.
+
+    `distill` = m > 0: self-distillation (Medusa's, Cai et al. 2024). Head j learns the trunk's own distribution
+    over its target, read at the position before it: the m most likely tokens and their probabilities as soft
+    labels, rather than the one target token. For the trunk's greedy text the most likely token is the target, and
+    the others tell the head how sure the trunk was: more signal per position, for heads that over-fit a few
+    thousand answers. Other arguments: those of `Stage`."""
     kind = "mtp-heads"
 
     def __init__(self, train: Sequence[Sequence[int]], val: Sequence[Sequence[int]] | None = None, k: int = 3,
                  vocab: int = 0, chain: bool = False, prompt_lens: Sequence[int] | None = None,
-                 val_prompt_lens: Sequence[int] | None = None, **kwargs: Any):
+                 val_prompt_lens: Sequence[int] | None = None, distill: int = 0, **kwargs: Any):
         kwargs.setdefault("name", f"mtp-heads-{k}")
         kwargs.setdefault("batch_size", 256)
         super().__init__(**kwargs)
         self.k, self.vocab, self.chain = check_int(k, "k"), check_int(vocab, "vocab", minimum=0), bool(chain)
+        self.distill = check_int(distill, "distill", minimum=0)
         if not train:
             raise ValueError("MTPHeads needs train= token id lists (e.g. greedy_continuations(model, prompts, n))")
         self.train, self.val = [list(s) for s in train], None if val is None else [list(s) for s in val]
@@ -75,7 +86,8 @@ class MTPHeads(Stage):
         return self.train, self.val, self.prompt_lens, self.val_prompt_lens
 
     def settings(self) -> dict:
-        return {"k": self.k, "vocab": self.vocab, "chain": self.chain}
+        extra = {"distill": self.distill} if self.distill else {}                   # earlier runs keep their key
+        return {"k": self.k, "vocab": self.vocab, "chain": self.chain, **extra}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, GPT):
@@ -94,11 +106,13 @@ class MTPHeads(Stage):
                                  f"{V} tokens and context {ctx}: use the model's tokenizer and shorter sequences")
 
     @torch.no_grad()
-    def _states(self, net: GPT, seqs: list[list[int]], starts: list[int], seed: int = 0) -> CachedStates:
+    def _states(self, net: GPT, seqs: list[list[int]], starts: list[int], seed: int = 0,
+                soft: bool = False) -> CachedStates:
         """The trunk's final hidden states at every position t with a target, the targets (token t + 1 + j for head j,
-        -100 where that token is context or past the end) and the tokens before them. Sequences are read in
-        right-padded batches: a causal model's states at the real positions do not depend on the padding after."""
-        device, k, hs, ys, xs = net.lm_head.weight.device, self.k, [], [], []
+        -100 where that token is context or past the end) and the tokens before them; with `soft`, also the trunk's
+        `distill` most likely tokens and their probabilities at the position before each target. Sequences are read
+        in right-padded batches: a causal model's states at the real positions do not depend on the padding after."""
+        device, k, hs, ys, xs, ps = net.lm_head.weight.device, self.k, [], [], [], []
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for i in range(0, len(order), 16):
             rows = [seqs[j] for j in order[i:i + 16]]
@@ -114,10 +128,17 @@ class MTPHeads(Stage):
                 hs.append(h[b][keep])
                 ys.append(y[keep])
                 xs.append(ids[b][target_pos - 1][keep])                                # (P, k): token before each
-        return CachedStates(torch.cat(hs), torch.cat(ys), torch.cat(xs), self.batch_size, seed)
+                if soft:                                           # the trunk's top tokens where it reads the answer
+                    lo, hi = max(starts[j] - 1, 0), len(seqs[j]) - 1
+                    z = net.lm_head(h[b][lo:hi])                                          # (n, V)
+                    top, norm = z.topk(self.distill), z.logsumexp(-1, keepdim=True)       # (n, m), (n, 1)
+                    at = (target_pos[keep] - 1 - lo).clamp(0, hi - lo - 1)              # (P, k): row predicting each
+                    ps.append((top.indices[at], (top.values - norm).exp()[at]))           # (P, k, m) each
+        soft = (torch.cat([i for i, _ in ps]), torch.cat([p for _, p in ps])) if soft else None
+        return CachedStates(torch.cat(hs), torch.cat(ys), torch.cat(xs), self.batch_size, seed, soft)
 
     def prepare(self, net: nn.Module) -> None:
-        self._train = self._states(net, self.train, self.prompt_lens, self.seed)
+        self._train = self._states(net, self.train, self.prompt_lens, self.seed, soft=self.distill > 0)
         if self.vocab:
             y = self._train.targets
             counts = torch.bincount(y[y >= 0], minlength=net.config.vocab_size)
@@ -125,10 +146,13 @@ class MTPHeads(Stage):
             for head in net.mtp_heads:
                 head.vocab.copy_(top)
         self._train.targets = self._index(net, self._train.targets)
+        if self._train.soft is not None:
+            ids, probs = self._train.soft
+            self._train.soft = (self._index(net, ids), probs)
         self._val = self._states(net, self.val, self.val_prompt_lens) if self.val else None
 
     def _index(self, net: GPT, y: torch.Tensor) -> torch.Tensor:
-        "Targets (P, k) as positions in the heads' draft vocabulary (-100: not in it, or no target)."
+        "Token ids (any shape) as positions in the heads' draft vocabulary (-100: not in it, or no target)."
         if not self.vocab:
             return y
         where = torch.full((net.config.vocab_size,), -100, dtype=torch.long, device=y.device)
@@ -147,9 +171,15 @@ class MTPHeads(Stage):
 
     def loss_fn(self, net: nn.Module):
         def loss(net: GPT, batch) -> torch.Tensor:
-            targets, h, tokens = batch                                                # (B, k), (B, C), (B, k)
-            parts = [F.cross_entropy(z, targets[:, j], ignore_index=-100, reduction="sum")
-                     for j, z in enumerate(self.head_logits(net, h, tokens))]
+            targets, h, tokens, *soft = batch                     # (B, k), (B, C), (B, k); soft: 2 x (B, k, m)
+            parts = []
+            for j, z in enumerate(self.head_logits(net, h, tokens)):
+                if soft:                                          # cross-entropy against the trunk's probabilities
+                    ids, p = soft[0][:, j], soft[1][:, j]                                # (B, m) each
+                    keep = (ids >= 0) & (targets[:, j:j + 1] >= 0)
+                    parts.append(-(p * keep * F.log_softmax(z, -1).gather(1, ids.clamp(min=0))).sum())
+                else:
+                    parts.append(F.cross_entropy(z, targets[:, j], ignore_index=-100, reduction="sum"))
             return torch.stack(parts).sum() / (targets >= 0).sum().clamp(min=1)
         return loss
 
