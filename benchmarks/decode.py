@@ -7,6 +7,7 @@ small model's and the speculative outputs are asserted identical to their refere
     python benchmarks/decode.py --skip smollm2,speculative --threads 2
     python benchmarks/decode.py --skip small,smollm2   # only the speculative rows (heads reused from --heads)
     python benchmarks/decode.py --profile              # torch.profiler's top operators of one msopt greedy decode
+    python benchmarks/decode.py --widths               # SmolLM2: time of one cached pass over 1, 2, ... 8 positions
 
 Every result is one JSON line: the device, torch threads, torch and transformers versions, the date, and the 1-minute
 load average at the start of the script and of that measurement (quote results from a quiet machine only: load < 1).
@@ -20,7 +21,8 @@ copy (main memory) and of a copy the size of the weights (it may fit in the CPU 
 
 The speculative heads (chained, with a draft vocabulary) are trained once with `msopt.stages.mtp_heads.MTPHeads` on
 SmolLM2's own greedy answers to `msopt.multitoken.chat_requests` (the first 32 requests are held out: 16 to test, 16
-to validate) and saved to `--heads`; later runs load them (delete the file to train again).
+to validate), learning the trunk's top-`--distill` probabilities (self-distillation), and saved to `--heads` (by
+default a file named after the recipe); later runs load them (delete the file to train again).
 """
 import argparse
 import datetime
@@ -141,7 +143,8 @@ def chat_ids(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def speculative_heads(model: GPT, tok, path: str, k: int, vocab: int, prompts: int, new: int, steps: int) -> dict:
+def speculative_heads(model: GPT, tok, path: str, k: int, vocab: int, prompts: int, new: int, steps: int,
+                      distill: int) -> dict:
     """Give `model` chained heads with a draft vocabulary: loaded from `path` when it holds them, else trained on the
     frozen model (MTPHeads) from its greedy answers to `chat_requests()[32:32 + prompts]` and saved there."""
     add_mtp_heads(model, k, vocab, chain=True)
@@ -154,14 +157,15 @@ def speculative_heads(model: GPT, tok, path: str, k: int, vocab: int, prompts: i
     data = greedy_continuations(model, [chat_ids(tok, r) for r in train + val], new, batch_size=64, stop_tokens=stops)
     lens = [len(chat_ids(tok, r)) for r in train + val]
     stage = MTPHeads(data[:len(train)], data[len(train):], k=k, vocab=vocab, chain=True, prompt_lens=lens[:len(train)],
-                     val_prompt_lens=lens[len(train):], steps=steps, lr=2e-3, warmup_steps=20,
+                     val_prompt_lens=lens[len(train):], distill=distill, steps=steps, lr=2e-3, warmup_steps=20,
                      eval_every=max(1, steps // 4), keep_best=True, progress=False)
     report = stage.run(model)
     model.eval()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_model(model.mtp_heads, path)
     return {"heads": path, "trained_now": True, "distill_prompts": len(train), "distill_new_tokens": new,
-            "head_steps": steps, "head_val_top1": [report.after[f"head{j + 1}_top1"] for j in range(k)],
+            "head_steps": steps, "distill": distill,
+            "head_val_top1": [report.after[f"head{j + 1}_top1"] for j in range(k)],
             "draft_vocab_coverage": report.after["draft_vocab_coverage"],
             "prepare_and_train_s": round(time.perf_counter() - start, 1)}
 
@@ -213,6 +217,26 @@ def profile_greedy(n: int) -> None:
          matmul_share_of_self_cpu=round(matmul / total, 3))
 
 
+def verify_widths(model: GPT, tok, widths: list[int], reps: int) -> None:
+    """SmolLM2: median time of one cached forward pass (trunk and main head) over `widths` new positions after a chat
+    prompt, widths alternating: what verifying w - 1 drafts costs against a greedy step (w = 1); one JSON line."""
+    prompt = torch.tensor([chat_ids(tok, "Write a short poem about the sea.")])
+    block = torch.randint(0, model.config.vocab_size, (1, max(widths)), generator=torch.Generator().manual_seed(0))
+    cache = model.kv_cache(1, prompt.size(1) + max(widths))
+    load = os.getloadavg()[0]
+    with torch.inference_mode():
+        model.features(prompt, cache=cache)
+
+        def one(w):
+            cache.crop(prompt.size(1))
+            model.lm_head(model.features(block[:, :w], cache=cache))
+        t = alternate({w: (lambda w=w: one(w)) for w in widths}, reps)
+    line(benchmark="one cached forward pass over w positions (verification of w - 1 drafts)",
+         model="SmolLM2-135M-Instruct (llama-style, float32)", prompt_tokens=prompt.size(1), reps=reps,
+         load_avg=round(load, 2), ms={w: round(t[w] * 1e3, 1) for w in widths},
+         cost_vs_one={w: round(t[w] / t[widths[0]], 2) for w in widths})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per run of the small model")
@@ -220,16 +244,18 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
     ap.add_argument("--skip", default="", help="comma-separated: small, smollm2, speculative")
-    ap.add_argument("--heads", default="runs/bench/smollm2_mtp_heads.safetensors",
-                    help="SmolLM2's trained heads: loaded if the file exists, else trained and saved there")
+    ap.add_argument("--heads", default=None, help="SmolLM2's trained heads: loaded if the file exists, else trained "
+                    "and saved there (default: runs/bench/ and a name from the recipe)")
     ap.add_argument("--k", type=int, default=3, help="extra heads")
     ap.add_argument("--vocab", type=int, default=4096, help="the heads' draft vocabulary")
-    ap.add_argument("--distill-prompts", type=int, default=640, help="requests whose greedy answers train the heads")
+    ap.add_argument("--distill-prompts", type=int, default=768, help="requests whose greedy answers train the heads")
     ap.add_argument("--distill-tokens", type=int, default=128, help="new tokens of each of those answers")
     ap.add_argument("--head-steps", type=int, default=800, help="training steps of the heads")
+    ap.add_argument("--distill", type=int, default=8, help="the trunk's top tokens the heads learn (0: the token only)")
     ap.add_argument("--test-prompts", type=int, default=16, help="held-out requests for acceptance (and equality)")
     ap.add_argument("--timed-prompts", type=int, default=4, help="of which timed")
     ap.add_argument("--profile", action="store_true", help="only profile one msopt greedy decode (at --threads' first)")
+    ap.add_argument("--widths", action="store_true", help="only time SmolLM2's cached pass over 1-8 positions")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -237,6 +263,12 @@ def main():
     if args.profile:
         torch.set_num_threads(threads[0])
         return profile_greedy(args.new_tokens)
+    if args.widths:
+        model, _, tok = smollm2()
+        for t in threads:
+            torch.set_num_threads(t)
+            verify_widths(model, tok, [1, 2, 3, 4, 5, 6, 8], 2 * args.reps + 1)
+        return None
 
     small = None if "small" in skip else small_gpt()
     smol = None if {"smollm2", "speculative"} <= skip else smollm2()
@@ -244,8 +276,10 @@ def main():
     if "speculative" not in skip:
         torch.set_num_threads(max(threads))
         spec_model = from_hf(smol[1]).eval()                                         # a copy that gets the heads
-        heads = speculative_heads(spec_model, smol[2], args.heads, args.k, args.vocab, args.distill_prompts,
-                                  args.distill_tokens, args.head_steps)
+        path = args.heads or (f"runs/bench/smollm2_heads_k{args.k}_v{args.vocab}_d{args.distill}_"
+                              f"{args.distill_prompts}x{args.distill_tokens}_s{args.head_steps}.safetensors")
+        heads = speculative_heads(spec_model, smol[2], path, args.k, args.vocab, args.distill_prompts,
+                                  args.distill_tokens, args.head_steps, args.distill)
     ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
     for t in threads:
         torch.set_num_threads(t)
