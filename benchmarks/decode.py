@@ -22,7 +22,9 @@ copy (main memory) and of a copy the size of the weights (it may fit in the CPU 
 The speculative heads (chained, with a draft vocabulary) are trained once with `msopt.stages.mtp_heads.MTPHeads` on
 SmolLM2's own greedy answers to `msopt.multitoken.chat_requests` (the first 32 requests are held out: 16 to test, 16
 to validate), learning the trunk's top-`--distill` probabilities (self-distillation), and saved to `--heads` (by
-default a file named after the recipe); later runs load them (delete the file to train again).
+default a file named after the recipe); later runs load them (delete the file to train again). An EAGLE draft layer
+(`msopt.stages.draft_layer.EagleDraft`, `--layer-steps`; 0 leaves it out) is trained once on the same answers and
+saved beside them; the answers themselves are saved under `runs/bench/` too, so that no later run generates them.
 """
 import argparse
 import datetime
@@ -39,7 +41,8 @@ from safetensors.torch import load_model, save_model
 
 from msopt.generate import default_stop_tokens, generate
 from msopt.models import GPT, GPTConfig, from_hf, load_smollm2_hf, to_hf
-from msopt.multitoken import add_mtp_heads, chat_requests, greedy_continuations, speculative_generate
+from msopt.multitoken import DraftLayer, add_mtp_heads, chat_requests, greedy_continuations, speculative_generate
+from msopt.stages.draft_layer import EagleDraft
 from msopt.stages.mtp_heads import MTPHeads
 
 LOAD_AT_START = os.getloadavg()[0]
@@ -143,36 +146,70 @@ def chat_ids(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def speculative_heads(model: GPT, tok, path: str, k: int, vocab: int, prompts: int, new: int, steps: int,
-                      distill: int) -> dict:
-    """Give `model` chained heads with a draft vocabulary: loaded from `path` when it holds them, else trained on the
-    frozen model (MTPHeads) from its greedy answers to `chat_requests()[32:32 + prompts]` and saved there."""
-    add_mtp_heads(model, k, vocab, chain=True)
+def distill_answers(model: GPT, tok, path: str, prompts: int, new: int) -> dict:
+    """SmolLM2's greedy answers to `chat_requests()[32:32 + prompts]` (train) and `[16:32]` (val), with their prompt
+    lengths: loaded from `path` (JSON) when it holds them, else generated and saved there."""
     if os.path.isfile(path):
-        load_model(model.mtp_heads, path)
-        return {"heads": path, "trained_now": False}
+        with open(path) as f:
+            return json.load(f)
     requests, stops = chat_requests(), default_stop_tokens(tok)
     train, val = requests[32:32 + prompts], requests[16:32]
     start = time.perf_counter()
     data = greedy_continuations(model, [chat_ids(tok, r) for r in train + val], new, batch_size=64, stop_tokens=stops)
     lens = [len(chat_ids(tok, r)) for r in train + val]
-    stage = MTPHeads(data[:len(train)], data[len(train):], k=k, vocab=vocab, chain=True, prompt_lens=lens[:len(train)],
-                     val_prompt_lens=lens[len(train):], distill=distill, steps=steps, lr=2e-3, warmup_steps=20,
+    out = {"train": data[:len(train)], "val": data[len(train):], "train_lens": lens[:len(train)],
+           "val_lens": lens[len(train):], "generate_s": round(time.perf_counter() - start, 1)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def speculative_heads(model: GPT, path: str, k: int, vocab: int, answers: dict, steps: int, distill: int) -> dict:
+    """Give `model` chained heads with a draft vocabulary: loaded from `path` when it holds them, else trained on the
+    frozen model (MTPHeads) from its greedy `answers` (`distill_answers`) and saved there."""
+    add_mtp_heads(model, k, vocab, chain=True)
+    if os.path.isfile(path):
+        load_model(model.mtp_heads, path)
+        return {"heads": path, "trained_now": False}
+    start = time.perf_counter()
+    stage = MTPHeads(answers["train"], answers["val"], k=k, vocab=vocab, chain=True, prompt_lens=answers["train_lens"],
+                     val_prompt_lens=answers["val_lens"], distill=distill, steps=steps, lr=2e-3, warmup_steps=20,
                      eval_every=max(1, steps // 4), keep_best=True, progress=False)
     report = stage.run(model)
     model.eval()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_model(model.mtp_heads, path)
-    return {"heads": path, "trained_now": True, "distill_prompts": len(train), "distill_new_tokens": new,
-            "head_steps": steps, "distill": distill,
-            "head_val_top1": [report.after[f"head{j + 1}_top1"] for j in range(k)],
+    return {"heads": path, "trained_now": True, "distill_prompts": len(answers["train"]), "head_steps": steps,
+            "distill": distill, "head_val_top1": [report.after[f"head{j + 1}_top1"] for j in range(k)],
             "draft_vocab_coverage": report.after["draft_vocab_coverage"],
             "prepare_and_train_s": round(time.perf_counter() - start, 1)}
 
 
-def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_timed: int, about: dict) -> None:
+def speculative_layer(model: GPT, path: str, vocab: int, answers: dict, steps: int) -> tuple[DraftLayer, dict]:
+    """An EAGLE draft layer for the frozen `model` (`EagleDraft`, unrolled 2 steps): loaded from `path` when it holds
+    one, else trained on `answers` (`distill_answers`) and saved there."""
+    if os.path.isfile(path):
+        layer = DraftLayer(model.config, vocab)
+        load_model(layer, path)
+        return layer.eval(), {"layer": path, "layer_trained_now": False}
+    start = time.perf_counter()
+    stage = EagleDraft(answers["train"], answers["val"], vocab=vocab, unroll=2, prompt_lens=answers["train_lens"],
+                       val_prompt_lens=answers["val_lens"], steps=steps, lr=1e-3, warmup_steps=20,
+                       eval_every=max(1, steps // 4), keep_best=True, progress=False)
+    report = stage.run(model)
+    layer = stage.model.eval()
+    save_model(layer, path)
+    return layer, {"layer": path, "layer_trained_now": True, "layer_steps": steps,
+                   "layer_val_top1": [report.after["draft1_top1"], report.after["draft2_top1"]],
+                   "layer_prepare_and_train_s": round(time.perf_counter() - start, 1)}
+
+
+def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_timed: int, about: dict,
+                          layer: DraftLayer | None = None) -> None:
     """Acceptance per head on `n_test` held-out requests (outputs asserted equal to greedy), then the time of
-    speculative decoding with 1..k drafts against msopt greedy on the first `n_timed`, alternating; one JSON line."""
+    speculative decoding with 1..k drafts from the heads (and 1-2 from a draft `layer`) against msopt greedy on the
+    first `n_timed`, alternating; one JSON line."""
     load, k = os.getloadavg()[0], model.config.n_mtp
     prompts = [torch.tensor([chat_ids(tok, r)]) for r in chat_requests()[:n_test]]
     with torch.no_grad():
@@ -182,9 +219,17 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
                 out, st = speculative_generate(model, p, n, n_draft=j)
                 assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
                 stats[j] = st if j not in stats else stats[j] + st
+        layer_stats = {}
+        for j in (1, 2) if layer is not None else ():
+            for p in prompts:
+                out, st = speculative_generate(model, p, n, n_draft=j, draft=layer)
+                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
+                layer_stats[j] = st if j not in layer_stats else layer_stats[j] + st
         fns = {"greedy": lambda: [generate(model, p, n, stop_tokens=[]) for p in prompts[:n_timed]]}
         fns.update({f"k={j}": (lambda j=j: [speculative_generate(model, p, n, n_draft=j) for p in prompts[:n_timed]])
                     for j in range(1, k + 1)})
+        fns.update({f"layer k={j}": (lambda j=j: [speculative_generate(model, p, n, n_draft=j, draft=layer)
+                                                  for p in prompts[:n_timed]]) for j in layer_stats})
         t = alternate(fns, reps)
     m = n_timed * n
     line(benchmark="self-speculative (chained MTP heads on the frozen trunk) vs msopt greedy",
@@ -194,7 +239,10 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
          tokens_per_forward={j: round(st.tokens_per_forward, 2) for j, st in stats.items()},
          greedy_tok_s=round(m / t["greedy"], 1),
          speculative_tok_s={j: round(m / t[f"k={j}"], 1) for j in range(1, k + 1)},
-         ratio={j: round(t["greedy"] / t[f"k={j}"], 2) for j in range(1, k + 1)}, **about)
+         ratio={j: round(t["greedy"] / t[f"k={j}"], 2) for j in range(1, k + 1)},
+         layer_acceptance={j: [round(a, 3) for a in st.acceptance] for j, st in layer_stats.items()},
+         layer_tokens_per_forward={j: round(st.tokens_per_forward, 2) for j, st in layer_stats.items()},
+         layer_ratio={j: round(t["greedy"] / t[f"layer k={j}"], 2) for j in layer_stats}, **about)
 
 
 def profile_greedy(n: int) -> None:
@@ -252,6 +300,7 @@ def main():
     ap.add_argument("--distill-tokens", type=int, default=128, help="new tokens of each of those answers")
     ap.add_argument("--head-steps", type=int, default=800, help="training steps of the heads")
     ap.add_argument("--distill", type=int, default=8, help="the trunk's top tokens the heads learn (0: the token only)")
+    ap.add_argument("--layer-steps", type=int, default=300, help="training steps of the EAGLE draft layer (0: none)")
     ap.add_argument("--test-prompts", type=int, default=16, help="held-out requests for acceptance (and equality)")
     ap.add_argument("--timed-prompts", type=int, default=4, help="of which timed")
     ap.add_argument("--profile", action="store_true", help="only profile one msopt greedy decode (at --threads' first)")
@@ -272,14 +321,20 @@ def main():
 
     small = None if "small" in skip else small_gpt()
     smol = None if {"smollm2", "speculative"} <= skip else smollm2()
-    heads = None
+    heads = layer = None
     if "speculative" not in skip:
         torch.set_num_threads(max(threads))
         spec_model = from_hf(smol[1]).eval()                                         # a copy that gets the heads
         path = args.heads or (f"runs/bench/smollm2_heads_k{args.k}_v{args.vocab}_d{args.distill}_"
                               f"{args.distill_prompts}x{args.distill_tokens}_s{args.head_steps}.safetensors")
-        heads = speculative_heads(spec_model, smol[2], path, args.k, args.vocab, args.distill_prompts,
-                                  args.distill_tokens, args.head_steps, args.distill)
+        answers = distill_answers(spec_model, smol[2], f"runs/bench/smollm2_answers_{args.distill_prompts}x"
+                                  f"{args.distill_tokens}.json", args.distill_prompts, args.distill_tokens)
+        heads = speculative_heads(spec_model, path, args.k, args.vocab, answers, args.head_steps, args.distill)
+        if args.layer_steps:
+            layer, about = speculative_layer(spec_model, f"runs/bench/smollm2_layer_v{args.vocab}_u2_"
+                                             f"{args.distill_prompts}x{args.distill_tokens}_s{args.layer_steps}"
+                                             ".safetensors", args.vocab, answers, args.layer_steps)
+            heads.update(about)
     ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
     for t in threads:
         torch.set_num_threads(t)
@@ -294,7 +349,7 @@ def main():
                                    args.smollm2_tokens, max(args.reps // 2, 3), copy_gbps, must_match=False)
         if heads is not None:
             speculative_vs_greedy(spec_model, smol[2], args.smollm2_tokens, max(args.reps // 2, 3), args.test_prompts,
-                                  args.timed_prompts, heads)
+                                  args.timed_prompts, heads, layer)
 
 
 if __name__ == "__main__":

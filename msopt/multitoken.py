@@ -13,7 +13,18 @@ from torch import nn
 
 from .core import check_int
 from .generate import generate
-from .models import GPT, MTPHead, check_ids, init_weights
+from .models import (
+    GPT,
+    Block,
+    GPTConfig,
+    KVCache,
+    MTPHead,
+    attention_mask_matrix,
+    check_ids,
+    init_weights,
+    make_norm,
+    rope_tables,
+)
 
 
 @dataclass
@@ -56,8 +67,8 @@ def add_mtp_heads(model: GPT, k: int, vocab: int = 0, chain: bool = False, seed:
     return model
 
 # %% auto #0
-__all__ = ['TOPICS', 'REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'speculative_generate', 'greedy_continuations',
-           'chat_requests']
+__all__ = ['TOPICS', 'REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'HeadDrafts', 'speculative_generate',
+           'greedy_continuations', 'chat_requests', 'DraftLayer', 'LayerDrafts']
 
 # %% ../nbs/14_multitoken.ipynb #779b41be
 def _drafters(model: GPT, k: int) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]:
@@ -67,29 +78,48 @@ def _drafters(model: GPT, k: int) -> list[tuple[nn.Module, torch.Tensor, torch.T
     return [(head, W if v is None else W[v], v) for head, v in zip(model.mtp_heads[:k], vocab)]
 
 
-def _draft(model: GPT, drafters, h: torch.Tensor, token: int) -> list[int]:
-    """Each head's draft (its most likely token) from the hidden state h (1, C) of the last accepted position, after
-    which greedy decoding writes `token`; chained heads read `token`, then each other's drafts."""
-    out, state = [], h
-    for head, rows, vocab in drafters:
-        if model.config.mtp_chain:
-            state = head(state, model.transformer.wte(torch.tensor([token], device=h.device)))
-        else:
-            state = head(h)
-        best = F.linear(state, rows).argmax(-1)                                    # (1,): a row of `rows`
-        token = int(best if vocab is None else vocab[best])
-        out.append(token)
-    return out
+class HeadDrafts:
+    """Drafts from the model's first `k` extra heads: `observe(h, tokens)` is told the trunk's states (m, C) at the
+    positions just accepted and the token after each; `draft(n)` returns n tokens from the last of them (chained
+    heads read that token, then each other's drafts)."""
+    def __init__(self, model: GPT, k: int):
+        self.model, self.drafters, self.h, self.token = model, _drafters(model, k), None, 0
+
+    def observe(self, h: torch.Tensor, tokens: Sequence[int]) -> None:
+        self.h, self.token = h[-1:], tokens[-1]
+
+    def draft(self, n: int) -> list[int]:
+        model, out, state, token = self.model, [], self.h, self.token
+        for head, rows, vocab in self.drafters[:n]:
+            if model.config.mtp_chain:
+                state = head(state, model.transformer.wte(torch.tensor([token], device=state.device)))
+            else:
+                state = head(self.h)
+            best = F.linear(state, rows).argmax(-1)                                # (1,): a row of `rows`
+            token = int(best if vocab is None else vocab[best])
+            out.append(token)
+        return out
 
 
-def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_draft: int | None) -> int:
-    "One-line errors for bad arguments of `speculative_generate`; returns the number of heads to draft with."
-    if not isinstance(model, GPT) or model.config.n_mtp < 1:
-        raise ValueError("speculative_generate needs a GPT with extra heads: build it with GPTConfig(..., n_mtp=k) "
-                         "or add them with add_mtp_heads(model, k)")
-    k = model.config.n_mtp if n_draft is None else n_draft
-    if not isinstance(k, int) or not 1 <= k <= model.config.n_mtp:
-        raise ValueError(f"n_draft must be in [1, {model.config.n_mtp}] (the model's extra heads), got {n_draft!r}")
+def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_draft: int | None,
+                       draft: DraftLayer | None) -> int:
+    "One-line errors for bad arguments of `speculative_generate`; returns the number of tokens to draft per step."
+    if not isinstance(model, GPT):
+        raise TypeError(f"speculative_generate decodes with an msopt GPT, got {type(model).__name__}")
+    if draft is not None:
+        if not isinstance(draft, DraftLayer) or draft.config.n_embd != model.config.n_embd:
+            raise ValueError(f"draft must be a DraftLayer of the model's width {model.config.n_embd}, got "
+                             f"{type(draft).__name__}: build it with DraftLayer(model.config, vocab)")
+        if not isinstance(n_draft, int) or n_draft < 1:
+            raise ValueError(f"with a draft layer, give n_draft >= 1 (tokens drafted per step), got {n_draft!r}")
+        k = n_draft
+    elif model.config.n_mtp < 1:
+        raise ValueError("speculative_generate needs a GPT with extra heads (GPTConfig(..., n_mtp=k) or "
+                         "add_mtp_heads(model, k)) or a draft layer (draft=DraftLayer(...))")
+    else:
+        k = model.config.n_mtp if n_draft is None else n_draft
+        if not isinstance(k, int) or not 1 <= k <= model.config.n_mtp:
+            raise ValueError(f"n_draft must be in [1, {model.config.n_mtp}] (the model's extra heads), got {n_draft!r}")
     if ids.dim() != 2 or ids.size(0) != 1 or ids.size(1) == 0:
         raise ValueError(f"speculative_generate decodes one non-empty prompt of shape (1, T), got {tuple(ids.shape)}")
     check_ids(ids, model.config.vocab_size)                     # once per call: forward passes check shapes only
@@ -103,17 +133,20 @@ def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_dra
 
 @torch.inference_mode()
 def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, n_draft: int | None = None,
-                         stop_tokens: Sequence[int] = ()) -> tuple[torch.Tensor, SpeculationStats]:
-    """Greedy decoding of one prompt `ids` (1, T) that drafts with the model's first `n_draft` extra heads (default:
-    all) and verifies the drafts with the main head in one forward pass; returns (ids (1, T + n), stats). The tokens
-    are those of `generate`'s greedy decoding, up to and including the first of `stop_tokens`."""
-    k = _check_speculation(model, ids, max_new_tokens, n_draft)
+                         stop_tokens: Sequence[int] = (), draft: DraftLayer | None = None
+                         ) -> tuple[torch.Tensor, SpeculationStats]:
+    """Greedy decoding of one prompt `ids` (1, T) that drafts `n_draft` tokens per step, with the model's first
+    `n_draft` extra heads (default: all) or with a `DraftLayer` `draft`, and verifies the drafts with the main head
+    in one forward pass; returns (ids (1, T + n), stats). The tokens are those of `generate`'s greedy decoding, up
+    to and including the first of `stop_tokens`."""
+    k = _check_speculation(model, ids, max_new_tokens, n_draft, draft)
     T, stops = ids.size(1), set(stop_tokens)
     stats = SpeculationStats(proposed=[0] * k, accepted=[0] * k)
-    drafters = _drafters(model, k)
     cache = model.kv_cache(1, T + max_new_tokens + k)
-    h = model.features(ids, cache=cache)[:, -1]                                     # (1, C)
-    nxt = int(model.lm_head(h).argmax(-1))                                          # what greedy decoding writes next
+    drafts = HeadDrafts(model, k) if draft is None else LayerDrafts(model, draft, T + max_new_tokens + k)
+    hs = model.features(ids, cache=cache)[0]                                        # (T, C)
+    nxt = int(model.lm_head(hs[-1]).argmax(-1))                                     # what greedy decoding writes next
+    drafts.observe(hs, ids[0, 1:].tolist() + [nxt])
     stats.forwards += 1
     out = ids[0].tolist()
     while True:
@@ -122,7 +155,7 @@ def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, 
             out.append(nxt)
             break
         n = min(k, left - 1)                                                        # drafts that still fit
-        block = [nxt] + _draft(model, drafters[:n], h, nxt)                         # x1, then the drafts
+        block = [nxt] + drafts.draft(n)                                             # x1, then the drafts
         start = cache.pos
         hs = model.features(torch.tensor([block], device=ids.device), cache=cache)[0]  # (n + 1, C)
         stats.forwards += 1
@@ -139,7 +172,8 @@ def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, 
         if stop is not None or len(out) - T >= max_new_tokens:
             break
         cache.crop(start + agree + 1)                                               # forget the rejected drafts
-        h, nxt = hs[agree:agree + 1], check[agree]
+        nxt = check[agree]
+        drafts.observe(hs[: agree + 1], block[1: agree + 1] + [nxt])
     out = out[: T + max_new_tokens]
     stats.new_tokens = len(out) - T
     return torch.tensor([out], device=ids.device), stats
@@ -181,3 +215,95 @@ def chat_requests(seed: int = 0) -> list[str]:
     out = [r.format(t) for t in TOPICS for r in REQUESTS]
     random.Random(seed).shuffle(out)
     return out
+
+# %% ../nbs/14_multitoken.ipynb #76a2f1c1
+class DraftLayer(nn.Module):
+    """EAGLE's draft model (Li et al., 2024): one transformer block of the trunk's width that reads, at position t, the
+    trunk's final hidden state $h_t$ and the embedding of token t + 1, and predicts the trunk's state $h_{t+1}$;
+    the trunk's own output layer, over a draft vocabulary of `vocab` token ids (0: all), turns that into a draft of
+    token t + 2. Unlike a head it attends to every earlier position, through a KV cache of its own, and it drafts
+    further by reading its own predicted state with the token it drafted. Weights drawn with `seed` the way `GPT`
+    draws its own; positions by RoPE."""
+    def __init__(self, config: GPTConfig, vocab: int = 0, seed: int = 0):
+        super().__init__()
+        c = self.config = replace(config, n_layer=1, n_mtp=0, mtp_vocab=0, mtp_chain=False, dropout=0.0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.ln_h, self.ln_e = make_norm(c), make_norm(c)
+            self.merge = nn.Linear(2 * c.n_embd, c.n_embd, bias=False)
+            self.block, self.ln_f = Block(c), make_norm(c)
+            init_weights(self, c)
+        if check_int(vocab, "vocab", minimum=0):
+            self.register_buffer("vocab", torch.arange(vocab))                    # (m,) token ids, set by training
+        cos, sin = rope_tables(torch.arange(c.block_size), c.head_dim, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted trunk states (B, T, C) from the trunk's states `h` (B, T, C) at positions past..past + T - 1
+        (past: the positions `cache` holds) and the embeddings `emb` (B, T, C) of the token after each; `positions`
+        (T,) and a boolean `mask` (1, 1, T, T) replace the default positions and causal mask (`unroll`)."""
+        B, T, _ = h.shape
+        past = 0 if cache is None else cache.pos
+        pos = torch.arange(past, past + T, device=h.device) if positions is None else positions
+        x = self.merge(torch.cat([self.ln_h(h), self.ln_e(emb)], -1))             # (B, T, C)
+        if mask is None and past and T > 1:
+            mask = attention_mask_matrix(torch.ones(B, past + T, device=h.device), True, T)
+        x = self.block(x, (self.rope_cos[pos], self.rope_sin[pos]), mask, cache, 0)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+    def unroll(self, h: torch.Tensor, emb: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Drafting `steps` tokens ahead from every position at once, for training (EAGLE-3's "training-time test"):
+        `h` (B, T, C) are the trunk's states, `emb` (B, T, C) the embeddings of the token after each. Step 1 at t
+        reads h_t; step s reads step s - 1's prediction and token t + s, sits at position t + s - 1 and attends to
+        the trunk's states up to t and to its own earlier steps: what `LayerDrafts.draft` shows it. Returns, per step
+        s, the predicted states (B, T - s + 1, C) of positions s, s + 1, ..., T."""
+        T, dev = h.size(1), h.device
+        outs = [self(h, emb)]
+        for s in range(2, check_int(steps, "steps") + 1):
+            n = [T - r + 1 for r in range(1, s + 1)]                                  # anchors of steps 1..s
+            step = torch.cat([torch.full((m,), r + 1, device=dev) for r, m in enumerate(n)])
+            anchor = torch.cat([torch.arange(m, device=dev) for m in n])
+            mask = (((step[None] == 1) & (anchor[None] <= anchor[:, None]))           # the trunk's states up to t
+                    | ((step[None] > 1) & (step[None] <= step[:, None]) & (anchor[None] == anchor[:, None])))
+            states = torch.cat([h] + [o[:, :m] for o, m in zip(outs, n[1:])], 1)       # step r reads step r - 1
+            embs = torch.cat([emb[:, r:] for r in range(s)], 1)                       # token t + r
+            pos = torch.cat([torch.arange(r, T, device=dev) for r in range(s)])      # position t + r - 1
+            outs = list(self(states, embs, positions=pos, mask=mask[None, None]).split(n, 1))
+        return outs
+
+    def rows(self, model: GPT) -> torch.Tensor:
+        "The rows of `model`'s output layer that the layer drafts from (m, C)."
+        W = model.lm_head.weight
+        return W if getattr(self, "vocab", None) is None else W[self.vocab]
+
+
+class LayerDrafts:
+    """Drafts from a `DraftLayer` of `model`, with the same interface as `HeadDrafts`: `observe` runs the layer over
+    the trunk's states at the positions just accepted (it keeps them in its cache), `draft(n)` feeds its own
+    predicted state and draft back n - 1 times, then forgets those drafted positions."""
+    def __init__(self, model: GPT, layer: DraftLayer, max_len: int):
+        p = model.lm_head.weight
+        self.model, self.layer, self.W = model, layer, layer.rows(model)
+        self.vocab = getattr(layer, "vocab", None)
+        self.cache = KVCache(layer.config, 1, max_len, device=p.device, dtype=p.dtype)
+        self.state = None
+
+    def _embed(self, tokens: Sequence[int]) -> torch.Tensor:
+        return self.model.transformer.wte(torch.tensor([list(tokens)], device=self.W.device))   # (1, m, C)
+
+    def observe(self, h: torch.Tensor, tokens: Sequence[int]) -> None:
+        self.state = self.layer(h[None], self._embed(tokens), self.cache)[0, -1:]        # (1, C)
+
+    def draft(self, n: int) -> list[int]:
+        real, state, out = self.cache.pos, self.state, []
+        for i in range(n):
+            best = F.linear(state, self.W).argmax(-1)                                    # (1,): a row of W
+            out.append(int(best if self.vocab is None else self.vocab[best]))
+            if i + 1 < n:
+                state = self.layer(state[None], self._embed(out[-1:]), self.cache)[0]    # (1, C)
+        self.cache.crop(real)                                                    # drafted positions are not kept
+        return out

@@ -4,8 +4,9 @@ import torch
 
 from msopt.generate import generate
 from msopt.losses import clm_loss, mtp_loss
-from msopt.models import GPT, GPTConfig, to_hf
-from msopt.multitoken import SpeculationStats, add_mtp_heads, greedy_continuations, speculative_generate
+from msopt.models import GPT, GPTConfig, KVCache, to_hf
+from msopt.multitoken import DraftLayer, SpeculationStats, add_mtp_heads, greedy_continuations, speculative_generate
+from msopt.stages.draft_layer import EagleDraft
 from msopt.stages.mtp_heads import MTPHeads
 
 V = 200
@@ -76,6 +77,8 @@ def test_speculative_bad_input():
             speculative_generate(model, ids, 5, **kwargs)
     with pytest.raises(ValueError, match="extra heads"):
         speculative_generate(GPT(GPTConfig.tiny(V, n_layer=1)), ids, 5)
+    with pytest.raises(TypeError, match="an msopt GPT"):
+        speculative_generate(torch.nn.Linear(2, 2), ids, 5)
     with pytest.raises(ValueError, match="one non-empty prompt"):
         speculative_generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="exceeds the context length"):
@@ -177,3 +180,80 @@ def test_add_mtp_heads():
         add_mtp_heads(model, 0)
     with pytest.raises(TypeError, match="msopt GPT"):
         add_mtp_heads(torch.nn.Linear(2, 2), 1)
+
+
+def test_draft_layer_reads_earlier_positions_and_drafts_like_greedy():
+    model = smollm2_like()
+    layer = DraftLayer(model.config, vocab=0, seed=0).eval()
+    h, emb = torch.randn(1, 9, 576), torch.randn(1, 9, 576)
+    with torch.no_grad():
+        out = layer(h, emb)
+        changed = h.clone()
+        changed[:, 2] += 1
+        out2 = layer(changed, emb)
+        assert out.shape == (1, 9, 576)
+        assert torch.equal(out[:, :2], out2[:, :2])                             # causal: the past does not see t = 2
+        assert not torch.allclose(out[:, 5], out2[:, 5])                           # later positions attend back to it
+        cache = KVCache(layer.config, 1, 16)
+        step = torch.cat([layer(h[:, :6], emb[:, :6], cache), layer(h[:, 6:], emb[:, 6:], cache)], 1)
+        assert torch.allclose(step, out, atol=1e-5) and cache.pos == 9               # cached = whole sequence
+    assert torch.equal(DraftLayer(model.config, seed=0).merge.weight, layer.merge.weight)   # seeded draw
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 12)]
+    for k in (1, 2, 4):                            # an untrained layer drafts badly: the output is still greedy's
+        for p in prompts:
+            ids = torch.tensor([p])
+            fast, stats = speculative_generate(model, ids, 30, n_draft=k, draft=layer, stop_tokens=[])
+            assert torch.equal(fast, generate(model, ids, 30, stop_tokens=[])), (k, p)
+            assert stats.new_tokens == 30 and len(stats.proposed) == k
+    with pytest.raises(ValueError, match="give n_draft >= 1"):
+        speculative_generate(model, torch.tensor([prompts[0]]), 5, draft=layer)
+    with pytest.raises(ValueError, match="DraftLayer of the model's width"):
+        speculative_generate(model, torch.tensor([prompts[0]]), 5, draft=DraftLayer(GPTConfig.tiny(V)), n_draft=2)
+
+
+def test_eagle_draft_stage_learns_and_leaves_the_trunk():
+    model = smollm2_like()
+    prompts = [torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(12)]
+    seqs = greedy_continuations(model, prompts, 30, batch_size=6)
+    ids = torch.tensor(seqs[:2])
+    with torch.no_grad():
+        before = model(ids)
+    stage = EagleDraft(seqs[:10], seqs[:3], vocab=128, prompt_lens=[6] * 10, val_prompt_lens=[6] * 3, steps=30,
+                       lr=3e-3, eval_every=15, progress=False, batch_size=4)          # val: does it fit its text?
+    report = stage.run(model)
+    layer = stage.model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)                                    # the trunk is untouched
+    assert all(p.requires_grad for p in model.parameters())
+    assert report.trainable_params == sum(p.numel() for p in layer.parameters())
+    assert report.val_loss < report.val_loss_before
+    assert report.after["draft1_top1"] > report.before["draft1_top1"]
+    assert layer.vocab.shape == (128,) and 0 < report.after["draft_vocab_coverage"] <= 1
+    total = SpeculationStats(proposed=[0] * 2, accepted=[0] * 2)
+    for p in prompts[:4]:
+        fast, stats = speculative_generate(model, torch.tensor([p]), 30, n_draft=2, draft=layer)
+        assert torch.equal(fast, generate(model, torch.tensor([p]), 30, stop_tokens=[]))
+        total = total + stats
+    assert total.acceptance[0] > 0.3                              # training text: the layer has learnt its drafts
+    with pytest.raises(ValueError, match="prompt lengths"):
+        EagleDraft(seqs, prompt_lens=[6])
+    with pytest.raises(TypeError, match="draft layer for an msopt GPT"):
+        EagleDraft(seqs).run(torch.nn.Linear(2, 2))
+
+
+def test_draft_layer_unroll_matches_drafting():
+    """Step 2 of `unroll` at position t equals what drafting computes: the layer over the trunk's states up to t,
+    then over its own prediction with the next token, through its cache."""
+    torch.manual_seed(0)
+    layer = DraftLayer(GPTConfig.tiny(V, n_layer=1, n_embd=64, style="llama"), seed=1).eval()
+    h, emb = torch.randn(1, 7, 64), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        one, two = layer.unroll(h, emb, 2)
+        assert one.shape == (1, 7, 64) and two.shape == (1, 6, 64)
+        assert torch.allclose(one, layer(h, emb), atol=1e-6)
+        for t in (0, 3, 5):
+            cache = KVCache(layer.config, 1, 16)
+            first = layer(h[:, :t + 1], emb[:, :t + 1], cache)[:, -1:]                 # predicted h_{t+1}
+            second = layer(first, emb[:, t + 1:t + 2], cache)[:, -1]                     # predicted h_{t+2}
+            assert torch.allclose(second, two[:, t], atol=1e-5), t
+        assert len(layer.unroll(h, emb, 3)) == 3

@@ -7,14 +7,15 @@ from __future__ import annotations
 from .augmented import AugmentedFineTune
 from .base import Stage, StageReport, check_fits, fingerprint
 from .domain import DomainAdapt
+from .draft_layer import EagleDraft
 from .finetune import FineTune, FineTuneClassifier, InstructionTune
 from .mtp_heads import MTPHeads
 from .pretrain import Pretrain
 from .prompt_tune import PromptTune
 
-_all_ = ["AugmentedFineTune", "DomainAdapt", "FineTune", "FineTuneClassifier", "InstructionTune", "MTPHeads",
-         "Pretrain", "PromptTune", "Stage", "StageReport", "check_fits", "fingerprint"]
+_all_ = ["AugmentedFineTune", "DomainAdapt", "EagleDraft", "FineTune", "FineTuneClassifier", "InstructionTune",
+         "MTPHeads", "Pretrain", "PromptTune", "Stage", "StageReport", "check_fits", "fingerprint"]
 
 # %% auto #0
-__all__ = ['AugmentedFineTune', 'DomainAdapt', 'FineTune', 'FineTuneClassifier', 'InstructionTune', 'MTPHeads',
-           'Pretrain', 'PromptTune', 'Stage', 'StageReport', 'check_fits', 'fingerprint']
+__all__ = ['AugmentedFineTune', 'DomainAdapt', 'EagleDraft', 'FineTune', 'FineTuneClassifier', 'InstructionTune',
+           'MTPHeads', 'Pretrain', 'PromptTune', 'Stage', 'StageReport', 'check_fits', 'fingerprint']
