@@ -16,6 +16,7 @@ from ..models import GPT
 from ..multitoken import DraftLayer
 from ..optim import param_groups
 from .base import Stage, check_fits
+from .mtp_heads import answer_data
 
 
 class SequenceStates:
@@ -67,17 +68,8 @@ class EagleDraft(Stage):
         super().__init__(**kwargs)
         self.vocab, self.reg = check_int(vocab, "vocab", minimum=0), float(reg)
         self.unroll = check_int(unroll, "unroll")
-        if not train:
-            raise ValueError("EagleDraft needs train= token id lists (e.g. greedy_continuations(model, prompts, n))")
-        self.train, self.val = [list(s) for s in train], None if val is None else [list(s) for s in val]
-        self.prompt_lens = [0] * len(self.train) if prompt_lens is None else list(prompt_lens)
-        self.val_prompt_lens = [0] * len(self.val or []) if val_prompt_lens is None else list(val_prompt_lens)
-        for what, seqs, lens in (("train", self.train, self.prompt_lens),
-                                 ("val", self.val or [], self.val_prompt_lens)):
-            if len(lens) != len(seqs):
-                raise ValueError(f"{len(seqs)} {what} sequences but {len(lens)} prompt lengths: give one per sequence")
-            if any(len(s) < 2 for s in seqs):
-                raise ValueError(f"every {what} sequence needs at least 2 tokens (a state and the next one)")
+        self.train, self.val, self.prompt_lens, self.val_prompt_lens = answer_data(
+            "EagleDraft", train, val, prompt_lens, val_prompt_lens, min_len=2)
         self.trunk: GPT | None = None
         self._train = self._val = None
 

@@ -18,6 +18,22 @@ from ..optim import param_groups
 from .base import Stage, frozen
 
 
+def answer_data(stage: str, train, val, prompt_lens, val_prompt_lens, min_len: int = 0) -> tuple[list, ...]:
+    """(train, val, prompt_lens, val_prompt_lens) as lists, for a stage that learns from the answers after prompts;
+    one-line errors for no training data, a prompt length missing, or a sequence shorter than `min_len`."""
+    if not train:
+        raise ValueError(f"{stage} needs train= token id lists (e.g. greedy_continuations(model, prompts, n))")
+    train, val = [list(s) for s in train], None if val is None else [list(s) for s in val]
+    lens = [0] * len(train) if prompt_lens is None else list(prompt_lens)
+    val_lens = [0] * len(val or []) if val_prompt_lens is None else list(val_prompt_lens)
+    for what, seqs, n in (("train", train, lens), ("val", val or [], val_lens)):
+        if len(n) != len(seqs):
+            raise ValueError(f"{len(seqs)} {what} sequences but {len(n)} prompt lengths: give one per sequence")
+        if any(len(s) < min_len for s in seqs):
+            raise ValueError(f"every {what} sequence needs at least {min_len} tokens (a state and the next one)")
+    return train, val, lens, val_lens
+
+
 class CachedStates:
     """Batches of cached hidden states: `batch(i)` is (targets (B, k), states (B, C), tokens (B, k)) of `batch_size`
     positions drawn at random, deterministic in `seed` and `i`. At position t, target j is token t + 2 + j and token
@@ -71,15 +87,8 @@ class MTPHeads(Stage):
         super().__init__(**kwargs)
         self.k, self.vocab, self.chain = check_int(k, "k"), check_int(vocab, "vocab", minimum=0), bool(chain)
         self.distill = check_int(distill, "distill", minimum=0)
-        if not train:
-            raise ValueError("MTPHeads needs train= token id lists (e.g. greedy_continuations(model, prompts, n))")
-        self.train, self.val = [list(s) for s in train], None if val is None else [list(s) for s in val]
-        self.prompt_lens = [0] * len(self.train) if prompt_lens is None else list(prompt_lens)
-        self.val_prompt_lens = [0] * len(self.val or []) if val_prompt_lens is None else list(val_prompt_lens)
-        for what, seqs, lens in (("train", self.train, self.prompt_lens),
-                                 ("val", self.val or [], self.val_prompt_lens)):
-            if len(lens) != len(seqs):
-                raise ValueError(f"{len(seqs)} {what} sequences but {len(lens)} prompt lengths: give one per sequence")
+        self.train, self.val, self.prompt_lens, self.val_prompt_lens = answer_data(
+            "MTPHeads", train, val, prompt_lens, val_prompt_lens)
         self._train = self._val = None
 
     def data(self) -> tuple:
@@ -219,4 +228,4 @@ class MTPHeads(Stage):
         return out
 
 # %% auto #0
-__all__ = ['CachedStates', 'MTPHeads']
+__all__ = ['answer_data', 'CachedStates', 'MTPHeads']
