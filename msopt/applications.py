@@ -55,7 +55,7 @@ def translation_pairs(rows: Sequence[dict], test_books: Sequence[str] = ("Philip
 
 # %% auto #0
 __all__ = ['load_bible', 'translation_pairs', 'bleu_stats', 'bleu_from_stats', 'bleu_bootstrap', 'speaker_turns',
-           'speaker_questions', 'sonnets']
+           'speaker_questions', 'speaker_context', 'sonnets']
 
 # %% ../nbs/17_applications.ipynb #a88492b6
 def bleu_stats(hyps: Sequence[str], refs: Sequence[str], max_order: int = 4) -> np.ndarray:
@@ -117,21 +117,37 @@ def speaker_questions(docs: Sequence[Document], n_per_play: int, candidates: int
     """Multiple-choice questions "who speaks these lines?" from plays: per play, `n_per_play` speeches of its `cast`
     most frequent speakers (their first `lines` lines; at least two lines of text) and `candidates` names, the right
     one among others of the cast, in random order. Each question is a dict: 'play' (its id, the unit to resample),
-    'title', 'passage', 'options', 'answer' and 'counts' (speeches per name in the play)."""
+    'title', 'passage', 'options', 'answer', 'counts' (speeches per name in the play) and 'at' (the speech's index in
+    `msopt.tasks.speeches` of the play, which `speaker_context` reads around)."""
     rng, out = random.Random(seed), []
     for doc in docs:
-        turns = [(name, text[:lines]) for name, text in speeches(doc.text) if len(text) >= lines]
-        counts = Counter(name for name, _ in speeches(doc.text))
+        play = speeches(doc.text)
+        turns = [(i, name, text[:lines]) for i, (name, text) in enumerate(play) if len(text) >= lines]
+        counts = Counter(name for name, _ in play)
         names = [n for n, _ in counts.most_common(cast)]
         if len(names) < candidates:
             raise ValueError(f"{doc.id} has {len(names)} speakers in its cast, fewer than candidates={candidates}")
-        pool = [t for t in turns if t[0] in names]
-        for name, text in rng.sample(pool, min(n_per_play, len(pool))):
+        pool = [t for t in turns if t[1] in names]
+        for at, name, text in rng.sample(pool, min(n_per_play, len(pool))):
             options = [name] + rng.sample([n for n in names if n != name], candidates - 1)
             rng.shuffle(options)
             out.append(dict(play=doc.id, title=doc.title, passage="\n".join(text), options=options, answer=name,
-                            counts={n: counts[n] for n in options}))
+                            counts={n: counts[n] for n in options}, at=at))
     return out
+
+
+def speaker_context(doc: Document | str, question: dict, name: str, n: int = 6, lines: int = 3) -> str:
+    """`name`'s `n` speeches nearest in the play to the question's speech (never that speech itself), in the play's
+    order and format (`NAME.` above at most `lines` lines each), ending with `NAME.` on a line of its own: the
+    context under which a language model scores the question's passage as `name`'s next speech. With `n=0` it is
+    just `NAME.`."""
+    play = speeches(doc.text if isinstance(doc, Document) else doc)
+    if not 0 <= question["at"] < len(play) or not "\n".join(play[question["at"]][1]).startswith(question["passage"]):
+        raise ValueError(f"question['at'] = {question['at']} is not the passage's speech in this play: pass the "
+                         "play the question was drawn from")
+    near = sorted((i for i, (who, _) in enumerate(play) if who == name and i != question["at"]),
+                  key=lambda i: abs(i - question["at"]))[:n]
+    return "".join(f"{name}.\n" + "\n".join(play[i][1][:lines]) + "\n\n" for i in sorted(near)) + f"{name}.\n"
 
 # %% ../nbs/17_applications.ipynb #5ee4cd5a
 def sonnets(doc: Document | str) -> list[tuple[list[str], list[str]]]:

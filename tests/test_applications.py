@@ -6,12 +6,14 @@ from msopt.applications import (
     bleu_stats,
     load_bible,
     sonnets,
+    speaker_context,
     speaker_questions,
     speaker_turns,
     translation_pairs,
 )
 from msopt.data import load_corpus
 from msopt.metrics import bleu
+from msopt.tasks import speeches
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +88,25 @@ def test_speaker_questions():
     plays = load_corpus("shakespeare", works=["hamlet", "macbeth"])
     qs = speaker_questions(plays, 5, candidates=3, cast=6, seed=0)
     assert len(qs) == 10 and {q["play"] for q in qs} == {"hamlet", "macbeth"}
+    by_id = {p.id: p for p in plays}
     for q in qs:
         assert len(q["options"]) == 3 == len(set(q["options"])) and q["answer"] in q["options"]
         assert q["passage"].count("\n") == 1 and all(q["counts"][n] > 0 for n in q["options"])
+        who, text = speeches(by_id[q["play"]].text)[q["at"]]                          # 'at' is the asked speech
+        assert who == q["answer"] and "\n".join(text).startswith(q["passage"])
     assert speaker_questions(plays, 5, seed=0) == qs
     with pytest.raises(ValueError, match="fewer than candidates"):
         speaker_questions(plays[:1], 2, candidates=4, cast=3)
+
+
+def test_speaker_context():
+    play = ("A.\nOne, by A.\nand more.\n\nB.\nTwo, by B.\n\nA.\nThree, by A.\nstill A.\nA once more.\nand again.\n\n"
+            "B.\nFour, by B.\n\nA.\nFive, by A.\n\nA.\nSix, by A.\n")
+    q = dict(at=2, passage="Three, by A.\nstill A.", answer="A")
+    assert speaker_context(play, q, "B", n=1) == "B.\nTwo, by B.\n\nB.\n"        # nearest first; ties: the earlier
+    assert speaker_context(play, q, "A", n=2, lines=1) == "A.\nOne, by A.\n\nA.\nFive, by A.\n\nA.\n"
+    ctx = speaker_context(play, q, "A", n=10)
+    assert "Three" not in ctx and ctx.index("One") < ctx.index("Five") < ctx.index("Six")    # play order, not its own
+    assert speaker_context(play, q, "C") == "C.\n"                                # a name with no other speech
+    with pytest.raises(ValueError, match="is not the passage's speech"):
+        speaker_context(play, dict(q, at=3), "A")
