@@ -14,7 +14,6 @@ from torch import nn
 from ..core import check_int
 from ..models import GPT
 from ..multitoken import DraftLayer
-from ..optim import param_groups
 from .base import Stage, check_fits
 from .mtp_heads import answer_data
 
@@ -141,10 +140,6 @@ class EagleDraft(Stage):
             return None
         n = self.batch_size
         return [self._val.pack(range(i, min(i + n, len(self.val)))) for i in range(0, len(self.val), n)]
-
-    def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        c = self.config
-        return torch.optim.AdamW(param_groups(net, c.weight_decay), lr=c.lr, betas=c.betas)
 
     @torch.no_grad()
     def measure(self, net: nn.Module) -> dict:
