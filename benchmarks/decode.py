@@ -25,6 +25,9 @@ to validate), learning the trunk's top-`--distill` probabilities (self-distillat
 default a file named after the recipe); later runs load them (delete the file to train again). An EAGLE draft layer
 (`msopt.stages.draft_layer.EagleDraft`, `--layer-steps`; 0 leaves it out) is trained once on the same answers and
 saved beside them; the answers themselves are saved under `runs/bench/` too, so that no later run generates them.
+Trees of drafts from the same heads (`--trees`: their sizes; `msopt.multitoken.choose_tree` picks each on the 16
+validation answers) are timed beside the chains, with SmolLM2's linear layers prepacked for passes of 4 to
+`--pack-rows` positions (`msopt.multitoken.prepack_linears`; greedy decoding's one-position passes do not use them).
 """
 import argparse
 import datetime
@@ -41,7 +44,15 @@ from safetensors.torch import load_model, save_model
 
 from msopt.generate import default_stop_tokens, generate
 from msopt.models import GPT, GPTConfig, from_hf, load_smollm2_hf, to_hf
-from msopt.multitoken import DraftLayer, add_mtp_heads, chat_requests, greedy_continuations, speculative_generate
+from msopt.multitoken import (
+    DraftLayer,
+    add_mtp_heads,
+    chat_requests,
+    choose_tree,
+    greedy_continuations,
+    prepack_linears,
+    speculative_generate,
+)
 from msopt.stages.draft_layer import EagleDraft
 from msopt.stages.mtp_heads import MTPHeads
 
@@ -206,10 +217,11 @@ def speculative_layer(model: GPT, path: str, vocab: int, answers: dict, steps: i
 
 
 def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_timed: int, about: dict,
-                          layer: DraftLayer | None = None) -> None:
+                          layer: DraftLayer | None = None, trees: dict | None = None) -> None:
     """Acceptance per head on `n_test` held-out requests (outputs asserted equal to greedy), then the time of
-    speculative decoding with 1..k drafts from the heads (and 1-2 from a draft `layer`) against msopt greedy on the
-    first `n_timed`, alternating; one JSON line."""
+    speculative decoding with 1..k drafts from the heads (and 1-2 from a draft `layer`, and each of `trees`, {name:
+    paths}) against msopt greedy on the first `n_timed`, alternating; one JSON line."""
+    trees = trees or {}
     load, k = os.getloadavg()[0], model.config.n_mtp
     prompts = [torch.tensor([chat_ids(tok, r)]) for r in chat_requests()[:n_test]]
     with torch.no_grad():
@@ -225,7 +237,15 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
                 out, st = speculative_generate(model, p, n, n_draft=j, draft=layer)
                 assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
                 layer_stats[j] = st if j not in layer_stats else layer_stats[j] + st
+        tree_stats = {}
+        for name, tree in trees.items():
+            for p in prompts:
+                out, st = speculative_generate(model, p, n, tree=tree)
+                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
+                tree_stats[name] = st if name not in tree_stats else tree_stats[name] + st
         fns = {"greedy": lambda: [generate(model, p, n, stop_tokens=[]) for p in prompts[:n_timed]]}
+        fns.update({f"tree {name}": (lambda tree=tree: [speculative_generate(model, p, n, tree=tree)
+                                                        for p in prompts[:n_timed]]) for name, tree in trees.items()})
         fns.update({f"k={j}": (lambda j=j: [speculative_generate(model, p, n, n_draft=j) for p in prompts[:n_timed]])
                     for j in range(1, k + 1)})
         fns.update({f"layer k={j}": (lambda j=j: [speculative_generate(model, p, n, n_draft=j, draft=layer)
@@ -242,7 +262,11 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
          ratio={j: round(t["greedy"] / t[f"k={j}"], 2) for j in range(1, k + 1)},
          layer_acceptance={j: [round(a, 3) for a in st.acceptance] for j, st in layer_stats.items()},
          layer_tokens_per_forward={j: round(st.tokens_per_forward, 2) for j, st in layer_stats.items()},
-         layer_ratio={j: round(t["greedy"] / t[f"layer k={j}"], 2) for j in layer_stats}, **about)
+         layer_ratio={j: round(t["greedy"] / t[f"layer k={j}"], 2) for j in layer_stats},
+         trees={name: [list(p) for p in tree] for name, tree in trees.items()},
+         tree_acceptance_per_depth={k: [round(a, 3) for a in st.acceptance] for k, st in tree_stats.items()},
+         tree_tokens_per_forward={k: round(st.tokens_per_forward, 2) for k, st in tree_stats.items()},
+         tree_ratio={k: round(t["greedy"] / t[f"tree {k}"], 2) for k in tree_stats}, **about)
 
 
 def profile_greedy(n: int) -> None:
@@ -265,9 +289,10 @@ def profile_greedy(n: int) -> None:
          matmul_share_of_self_cpu=round(matmul / total, 3))
 
 
-def verify_widths(model: GPT, tok, widths: list[int], reps: int) -> None:
+def verify_widths(model: GPT, tok, widths: list[int], reps: int, packed: bool = False) -> None:
     """SmolLM2: median time of one cached forward pass (trunk and main head) over `widths` new positions after a chat
-    prompt, widths alternating: what verifying w - 1 drafts costs against a greedy step (w = 1); one JSON line."""
+    prompt, widths alternating: what verifying w - 1 drafts costs against a greedy step (w = 1); one JSON line.
+    `packed`: the model's linear layers have prepacked weights (`prepack_linears`)."""
     prompt = torch.tensor([chat_ids(tok, "Write a short poem about the sea.")])
     block = torch.randint(0, model.config.vocab_size, (1, max(widths)), generator=torch.Generator().manual_seed(0))
     cache = model.kv_cache(1, prompt.size(1) + max(widths))
@@ -281,7 +306,7 @@ def verify_widths(model: GPT, tok, widths: list[int], reps: int) -> None:
         t = alternate({w: (lambda w=w: one(w)) for w in widths}, reps)
     line(benchmark="one cached forward pass over w positions (verification of w - 1 drafts)",
          model="SmolLM2-135M-Instruct (llama-style, float32)", prompt_tokens=prompt.size(1), reps=reps,
-         load_avg=round(load, 2), ms={w: round(t[w] * 1e3, 1) for w in widths},
+         load_avg=round(load, 2), packed_weights=packed, ms={w: round(t[w] * 1e3, 1) for w in widths},
          cost_vs_one={w: round(t[w] / t[widths[0]], 2) for w in widths})
 
 
@@ -301,6 +326,10 @@ def main():
     ap.add_argument("--head-steps", type=int, default=800, help="training steps of the heads")
     ap.add_argument("--distill", type=int, default=8, help="the trunk's top tokens the heads learn (0: the token only)")
     ap.add_argument("--layer-steps", type=int, default=300, help="training steps of the EAGLE draft layer (0: none)")
+    ap.add_argument("--trees", default="5,7", help="sizes of the trees of drafts to time (chosen with choose_tree on "
+                    "the validation answers), comma-separated; empty: none")
+    ap.add_argument("--pack-rows", type=int, default=8, help="prepack SmolLM2's linear layers for passes of 4 to this "
+                    "many positions (prepack_linears) before the speculative rows and the second --widths table; 0: no")
     ap.add_argument("--test-prompts", type=int, default=16, help="held-out requests for acceptance (and equality)")
     ap.add_argument("--timed-prompts", type=int, default=4, help="of which timed")
     ap.add_argument("--profile", action="store_true", help="only profile one msopt greedy decode (at --threads' first)")
@@ -314,14 +343,18 @@ def main():
         return profile_greedy(args.new_tokens)
     if args.widths:
         model, _, tok = smollm2()
-        for t in threads:
-            torch.set_num_threads(t)
-            verify_widths(model, tok, [1, 2, 3, 4, 5, 6, 8], 2 * args.reps + 1)
+        for packed in (False, True) if args.pack_rows else (False,):
+            if packed:
+                prepack_linears(model, args.pack_rows)
+            for t in threads:
+                torch.set_num_threads(t)
+                verify_widths(model, tok, [1, 2, 3, 4, 5, 6, 8], 2 * args.reps + 1, packed)
         return None
 
     small = None if "small" in skip else small_gpt()
     smol = None if {"smollm2", "speculative"} <= skip else smollm2()
     heads = layer = None
+    trees = {}
     if "speculative" not in skip:
         torch.set_num_threads(max(threads))
         spec_model = from_hf(smol[1]).eval()                                         # a copy that gets the heads
@@ -335,6 +368,11 @@ def main():
                                              f"{args.distill_prompts}x{args.distill_tokens}_s{args.layer_steps}"
                                              ".safetensors", args.vocab, answers, args.layer_steps)
             heads.update(about)
+        sizes = [int(m) for m in args.trees.split(",") if m]
+        trees = {f"{m} nodes": choose_tree(spec_model, answers["val"], answers["val_lens"], m) for m in sizes}
+        if args.pack_rows:
+            prepack_linears(spec_model, args.pack_rows)
+        heads["packed_rows"] = args.pack_rows
     ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
     for t in threads:
         torch.set_num_threads(t)
@@ -349,7 +387,7 @@ def main():
                                    args.smollm2_tokens, max(args.reps // 2, 3), copy_gbps, must_match=False)
         if heads is not None:
             speculative_vs_greedy(spec_model, smol[2], args.smollm2_tokens, max(args.reps // 2, 3), args.test_prompts,
-                                  args.timed_prompts, heads, layer)
+                                  args.timed_prompts, heads, layer, trees)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -201,6 +202,18 @@ class KVCache:
             raise ValueError(f"crop length must be in [0, {self.pos}], got {length}")
         self.pos = length
 
+    def keep(self, start: int, offsets: Sequence[int]) -> None:
+        """Of the positions from `start` on, keep those at `offsets` (increasing), moved to start, start + 1, ...,
+        and forget the rest: the accepted branch of a tree of drafts, whose positions are not contiguous."""
+        rows = torch.tensor(list(offsets), device=self.k.device) + start
+        if len(rows) == 0 or not 0 <= start <= int(rows[0]) or int(rows[-1]) >= self.pos or (rows.diff() <= 0).any():
+            raise ValueError(f"keep needs increasing offsets in [0, {self.pos - start}) after start={start}, "
+                             f"got {list(offsets)}")
+        end = start + len(rows)
+        if int(rows[-1]) != end - 1:                                          # a straight prefix stays where it is
+            self.k[:, :, :, start:end], self.v[:, :, :, start:end] = self.k[:, :, :, rows], self.v[:, :, :, rows]
+        self.pos = end
+
     def reorder(self, index: torch.Tensor) -> None:
         "Keep the batch rows `index` (B',) in that order (beam search: each beam continues from its parent's cache)."
         self.k, self.v = self.k[:, index], self.v[:, index]
@@ -320,9 +333,10 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, C) after the final norm, for ids `idx` (B, T). Optional: a (B, S) padding mask over
-        all S = cached + T positions; a `KVCache` holding the keys and values of the S - T earlier positions (it is
-        extended by T); `positions` (T,) or (B, T) (default: S - T, ..., S - 1; left-padded rows count from their
-        first real token)."""
+        all S = cached + T positions, or a boolean (B, 1, T, S) matrix of the keys each query reads (a tree of
+        drafts); a `KVCache` holding the keys and values of the S - T earlier positions (it is extended by T);
+        `positions` (T,) or (B, T) (default: S - T, ..., S - 1; left-padded rows count from their first real
+        token)."""
         c = self.config
         check_ids(idx, block_size=c.block_size)                              # shapes only: no host sync per call
         B, T = idx.size()
@@ -340,7 +354,12 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]    # (T, hd) or (B, T, hd)
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, hd)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape != (B, 1, T, past + T) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"a mask matrix must be boolean of shape {(B, 1, T, past + T)}, got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(idx.device)
+        elif attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the ids need "
                                  f"{(B, past + T)}: pass one 1/0 entry per token, cached ones included")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -67,8 +68,9 @@ def add_mtp_heads(model: GPT, k: int, vocab: int = 0, chain: bool = False, seed:
     return model
 
 # %% auto #0
-__all__ = ['TOPICS', 'REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'HeadDrafts', 'speculative_generate',
-           'greedy_continuations', 'chat_requests', 'DraftLayer', 'LayerDrafts']
+__all__ = ['TOPICS', 'REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'HeadDrafts', 'check_tree',
+           'speculative_generate', 'choose_tree', 'prepack_linears', 'greedy_continuations', 'chat_requests',
+           'DraftLayer', 'LayerDrafts']
 
 # %% ../nbs/14_multitoken.ipynb #779b41be
 def _drafters(model: GPT, k: int) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]:
@@ -81,7 +83,7 @@ def _drafters(model: GPT, k: int) -> list[tuple[nn.Module, torch.Tensor, torch.T
 class HeadDrafts:
     """Drafts from the model's first `k` extra heads: `observe(h, tokens)` is told the trunk's states (m, C) at the
     positions just accepted and the token after each; `draft(n)` returns n tokens from the last of them (chained
-    heads read that token, then each other's drafts)."""
+    heads read that token, then each other's drafts), `tree(paths)` a tree of them."""
     def __init__(self, model: GPT, k: int):
         self.model, self.drafters, self.h, self.token = model, _drafters(model, k), None, 0
 
@@ -89,24 +91,61 @@ class HeadDrafts:
         self.h, self.token = h[-1:], tokens[-1]
 
     def draft(self, n: int) -> list[int]:
-        model, out, state, token = self.model, [], self.h, self.token
-        for head, rows, vocab in self.drafters[:n]:
-            if model.config.mtp_chain:
-                state = head(state, model.transformer.wte(torch.tensor([token], device=state.device)))
+        return self.tree([(0,) * d for d in range(1, n + 1)])                       # a chain: each head's best
+
+    def tree(self, paths: Sequence[tuple[int, ...]]) -> list[int]:
+        """The token of each node of a tree of drafts, parents listed before children: node (r1, ..., rd) is head
+        d's r_d-th most likely token (0: its best) after the tokens of nodes (r1), ..., (r1, ..., r_{d-1}); chained
+        heads read them, heads side by side draft the same tokens under every parent. One call per head."""
+        model, chain = self.model, self.model.config.mtp_chain
+        token, state, kids = {(): self.token}, {(): self.h}, {}                   # state: what the children read
+        for p in paths:
+            kids.setdefault(p[:-1], []).append(p)
+        level = [()]
+        for head, rows, vocab in self.drafters:
+            parents = [q for q in level if q in kids]
+            if not parents:
+                break
+            if chain:
+                emb = model.transformer.wte(torch.tensor([token[q] for q in parents], device=self.h.device))
+                out = head(torch.cat([state[q] for q in parents]), emb)              # (P, C)
             else:
-                state = head(self.h)
-            best = F.linear(state, rows).argmax(-1)                                # (1,): a row of `rows`
-            token = int(best if vocab is None else vocab[best])
-            out.append(token)
-        return out
+                out = head(self.h).expand(len(parents), -1)
+            ranked = F.linear(out, rows).topk(1 + max(c[-1] for q in parents for c in kids[q]), -1).indices
+            for i, q in enumerate(parents):
+                for c in kids[q]:
+                    best = ranked[i, c[-1]]                                         # a row of `rows`
+                    token[c], state[c] = int(best if vocab is None else vocab[best]), out[i:i + 1]
+            level = [c for q in parents for c in kids[q]]
+        return [token[p] for p in paths]
+
+
+def check_tree(tree, k: int) -> list[tuple[int, ...]]:
+    """`tree` as a list of tuples, checked: paths of ranks (ints >= 0), none deeper than the `k` heads, each path's
+    parent in the tree, parents before children; one-line error otherwise."""
+    paths = [tuple(p) for p in tree]
+    seen = {()}
+    for p in paths:
+        if not p or len(p) > k or any(not isinstance(r, int) or r < 0 for r in p) or p in seen or p[:-1] not in seen:
+            raise ValueError(f"tree must list distinct paths of ranks, 1 to {k} deep (the heads), each after its "
+                             f"parent, e.g. [(0,), (1,), (0, 0)]; got {p!r}")
+        seen.add(p)
+    return paths
 
 
 def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_draft: int | None,
-                       draft: DraftLayer | None) -> int:
-    "One-line errors for bad arguments of `speculative_generate`; returns the number of tokens to draft per step."
+                       draft: DraftLayer | None, tree) -> list[tuple[int, ...]]:
+    "One-line errors for bad arguments of `speculative_generate`; returns the tree of drafts of a step (a chain)."
     if not isinstance(model, GPT):
         raise TypeError(f"speculative_generate decodes with an msopt GPT, got {type(model).__name__}")
-    if draft is not None:
+    if tree is not None:
+        if draft is not None or n_draft is not None or model.config.n_mtp < 1:
+            raise ValueError("a tree of drafts comes from the model's extra heads: give tree= without n_draft= or "
+                             "draft=, to a model with heads")
+        k = max(len(p) for p in check_tree(tree, model.config.n_mtp)) if len(tree) else 0
+        if k == 0:
+            raise ValueError("tree must hold at least one path, e.g. [(0,)]")
+    elif draft is not None:
         if not isinstance(draft, DraftLayer) or draft.config.n_embd != model.config.n_embd:
             raise ValueError(f"draft must be a DraftLayer of the model's width {model.config.n_embd}, got "
                              f"{type(draft).__name__}: build it with DraftLayer(model.config, vocab)")
@@ -128,21 +167,22 @@ def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_dra
     if ids.size(1) + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt of {ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
                          f"length {model.config.block_size}: shorten the prompt or generate fewer tokens")
-    return k
+    return check_tree(tree, k) if tree is not None else [(0,) * d for d in range(1, k + 1)]
 
 
 @torch.inference_mode()
 def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, n_draft: int | None = None,
-                         stop_tokens: Sequence[int] = (), draft: DraftLayer | None = None
-                         ) -> tuple[torch.Tensor, SpeculationStats]:
+                         stop_tokens: Sequence[int] = (), draft: DraftLayer | None = None,
+                         tree: Sequence[tuple[int, ...]] | None = None) -> tuple[torch.Tensor, SpeculationStats]:
     """Greedy decoding of one prompt `ids` (1, T) that drafts `n_draft` tokens per step, with the model's first
-    `n_draft` extra heads (default: all) or with a `DraftLayer` `draft`, and verifies the drafts with the main head
-    in one forward pass; returns (ids (1, T + n), stats). The tokens are those of `generate`'s greedy decoding, up
-    to and including the first of `stop_tokens`."""
-    k = _check_speculation(model, ids, max_new_tokens, n_draft, draft)
-    T, stops = ids.size(1), set(stop_tokens)
+    `n_draft` extra heads (default: all) or with a `DraftLayer` `draft`, or a `tree` of drafts from the heads
+    (`HeadDrafts.tree`, `choose_tree`), and verifies them with the main head in one forward pass; returns (ids
+    (1, T + n), stats). The tokens are those of `generate`'s greedy decoding, up to and including the first of
+    `stop_tokens`."""
+    shape = _check_speculation(model, ids, max_new_tokens, n_draft, draft, tree)  # the paths of a step's drafts
+    k, T, stops, dev = max(map(len, shape)), ids.size(1), set(stop_tokens), ids.device
     stats = SpeculationStats(proposed=[0] * k, accepted=[0] * k)
-    cache = model.kv_cache(1, T + max_new_tokens + k)
+    cache = model.kv_cache(1, T + max_new_tokens + len(shape))
     drafts = HeadDrafts(model, k) if draft is None else LayerDrafts(model, draft, T + max_new_tokens + k)
     hs = model.features(ids, cache=cache)[0]                                        # (T, C)
     nxt = int(model.lm_head(hs[-1]).argmax(-1))                                     # what greedy decoding writes next
@@ -154,29 +194,113 @@ def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, 
         if nxt in stops or left == 1:
             out.append(nxt)
             break
-        n = min(k, left - 1)                                                        # drafts that still fit
-        block = [nxt] + drafts.draft(n)                                             # x1, then the drafts
-        start = cache.pos
-        hs = model.features(torch.tensor([block], device=ids.device), cache=cache)[0]  # (n + 1, C)
+        paths = [p for p in shape if len(p) < left]                                 # drafts that still fit
+        block = [nxt] + (drafts.draft(len(paths)) if tree is None else drafts.tree(paths))  # x1, then the drafts
+        start, x = cache.pos, torch.tensor([block], device=dev)
+        if tree is None:                                                            # a chain: the causal mask
+            hs = model.features(x, cache=cache)[0]                                  # (n + 1, C)
+        else:                                                                       # each node reads its ancestors
+            nodes = [()] + paths
+            mask = torch.ones(len(nodes), start + len(nodes), dtype=torch.bool, device=dev)
+            mask[:, start:] = torch.tensor([[q == p[:len(q)] for q in nodes] for p in nodes], device=dev)
+            depth = torch.tensor([start + len(p) for p in nodes], device=dev)
+            hs = model.features(x, mask[None, None], cache=cache, positions=depth)[0]   # (n + 1, C)
         stats.forwards += 1
         check = model.lm_head(hs).argmax(-1).tolist()                              # the main head after each
-        agree = 0
-        while agree < n and check[agree] == block[agree + 1]:
-            agree += 1
-        for j in range(n):
+        row = {p: i + 1 for i, p in enumerate(paths)}                               # a node's row in the block
+        kept, node = [0], ()                                                        # rows of the accepted branch
+        while child := next((c for c in paths if c[:-1] == node and block[row[c]] == check[kept[-1]]), None):
+            node = child
+            kept.append(row[child])
+        agree = len(kept) - 1
+        for j in range(max(map(len, paths))):
             stats.proposed[j] += 1
             stats.accepted[j] += j < agree
-        new = block[: agree + 1]                                                    # x1 and the accepted drafts
+        new = [block[i] for i in kept]                                              # x1 and the accepted drafts
         stop = next((i for i, t in enumerate(new) if t in stops), None)
         out += new if stop is None else new[: stop + 1]
         if stop is not None or len(out) - T >= max_new_tokens:
             break
-        cache.crop(start + agree + 1)                                               # forget the rejected drafts
-        nxt = check[agree]
-        drafts.observe(hs[: agree + 1], block[1: agree + 1] + [nxt])
+        cache.keep(start, kept)                                                     # forget the rejected drafts
+        nxt = check[kept[-1]]
+        drafts.observe(hs[kept], new[1:] + [nxt])
     out = out[: T + max_new_tokens]
     stats.new_tokens = len(out) - T
-    return torch.tensor([out], device=ids.device), stats
+    return torch.tensor([out], device=dev), stats
+
+
+@torch.no_grad()
+def choose_tree(model: GPT, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], size: int,
+                max_rank: int = 8) -> list[tuple[int, ...]]:
+    """The `size` nodes of a tree of drafts from the model's extra heads that verification would keep most often
+    (Medusa's tree), estimated on the model's greedy continuations `sequences` (`greedy_continuations`) after
+    prompts of `prompt_lens` tokens. At each position after the prompt, head d ranks the true token d + 1 ahead
+    among its drafts, reading the true tokens before it; node (r1, ..., rd) would be kept wherever the first d ranks
+    are r1, ..., rd (ranks from `max_rank` on are never drafted). Returned by depth, then rank: `speculative_generate`'s
+    `tree`."""
+    k = model.config.n_mtp
+    if k < 1:
+        raise ValueError("choose_tree needs a GPT with extra heads (add_mtp_heads, then MTPHeads)")
+    if len(prompt_lens) != len(sequences) or not sequences:
+        raise ValueError(f"give one prompt length per sequence, got {len(sequences)} sequences and "
+                         f"{len(prompt_lens)} lengths")
+    check_int(size, "size")
+    wte, counts = model.transformer.wte, {}
+    for seq, n in zip(sequences, prompt_lens):
+        ids = torch.tensor([list(seq)], device=wte.weight.device)
+        hs, state, ranks = model.features(ids)[0], None, []                      # (L, C)
+        for d, (head, rows, vocab) in enumerate(_drafters(model, k), start=1):
+            t = torch.arange(max(n - 1, 0), ids.size(1) - 1 - d, device=ids.device)  # positions with a target
+            if len(t) == 0:
+                break
+            prev = hs[t] if state is None else state[: len(t)]
+            out = head(prev, wte(ids[0, t + d])) if model.config.mtp_chain else head(hs[t])   # (P, C)
+            state, logits = out, F.linear(out, rows)                             # (P, m)
+            target = ids[0, t + 1 + d]
+            col = target if vocab is None else (vocab[:, None] == target[None]).float().argmax(0)
+            inside = torch.ones_like(target, dtype=torch.bool) if vocab is None else vocab[col] == target
+            rank = (logits > logits.gather(1, col[:, None])).sum(-1)
+            ranks.append(torch.where(inside, rank, max_rank).tolist())
+        for i in range(len(ranks[0]) if ranks else 0):
+            path = ()
+            for r in ranks:
+                if i >= len(r) or r[i] >= max_rank:
+                    break
+                path += (r[i],)
+                counts[path] = counts.get(path, 0) + 1
+    best = sorted(counts, key=lambda p: (-counts[p], len(p), p))[:size]
+    return sorted(best, key=lambda p: (len(p), p))
+
+
+def _packed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    m = x.numel() // x.size(-1)                                                      # rows of the matrix multiply
+    lo, hi = self.packed_rows
+    if lo <= m <= hi and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, self.bias, m)
+    return F.linear(x, self.weight, self.bias)
+
+
+def prepack_linears(model: nn.Module, rows: int = 8, min_rows: int = 4) -> nn.Module:
+    """Give every linear layer of `model` a copy of its weights packed for the CPU's matrix-multiply library (MKL),
+    used for passes over `min_rows` to `rows` positions: a verification pass over 4-8 positions then costs about
+    what one over 3 does, where the default kernel's time jumps at 4 rows (see the text). Inference on a CPU in
+    float32 only; the copy is a snapshot (pack again after the weights change), it doubles the weights' memory, and
+    `rows=0` removes it. Passes of other widths, and passes that need gradients, run as before."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in linears:
+        m.__dict__.pop("forward", None)
+        m.__dict__.pop("packed_weight", None)
+    if check_int(rows, "rows", minimum=0) == 0:
+        return model
+    if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+        raise RuntimeError("prepack_linears needs a PyTorch built with MKL (x86 CPU builds are)")
+    if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
+        raise ValueError("prepack_linears packs float32 weights on the CPU: move the model with .cpu().float()")
+    for m in linears:
+        m.packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows)
+        m.packed_rows = (check_int(min_rows, "min_rows"), rows)
+        m.forward = types.MethodType(_packed_linear, m)
+    return model
 
 # %% ../nbs/14_multitoken.ipynb #924e3bd1
 def greedy_continuations(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

@@ -5,7 +5,15 @@ import torch
 from msopt.generate import generate
 from msopt.losses import clm_loss, mtp_loss
 from msopt.models import GPT, GPTConfig, KVCache, to_hf
-from msopt.multitoken import DraftLayer, SpeculationStats, add_mtp_heads, greedy_continuations, speculative_generate
+from msopt.multitoken import (
+    DraftLayer,
+    SpeculationStats,
+    add_mtp_heads,
+    choose_tree,
+    greedy_continuations,
+    prepack_linears,
+    speculative_generate,
+)
 from msopt.stages.draft_layer import EagleDraft
 from msopt.stages.mtp_heads import MTPHeads
 
@@ -257,3 +265,92 @@ def test_draft_layer_unroll_matches_drafting():
             second = layer(first, emb[:, t + 1:t + 2], cache)[:, -1]                     # predicted h_{t+2}
             assert torch.allclose(second, two[:, t], atol=1e-5), t
         assert len(layer.unroll(h, emb, 3)) == 3
+
+
+def test_tree_mask_reads_each_nodes_branch():
+    "One cached pass over a tree of tokens gives each node the logits of a plain pass over its own branch."
+    model = smollm2_like()
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    tokens = [7, 11, 13, 17, 19]                                      # root, (0,), (1,), (0, 0), (1, 0)
+    nodes = [(), (0,), (1,), (0, 0), (1, 0)]
+    mask = torch.ones(5, 10, dtype=torch.bool)
+    mask[:, 5:] = torch.tensor([[q == p[:len(q)] for q in nodes] for p in nodes])
+    with torch.no_grad():
+        cache = model.kv_cache(1, 16)
+        model.features(prompt, cache=cache)
+        tree = model(torch.tensor([tokens]), mask[None, None], cache=cache, positions=5 + torch.tensor([0, 1, 1, 2, 2]))
+        for i, p in enumerate(nodes):
+            branch = [tokens[nodes.index(p[:d])] for d in range(len(p) + 1)]
+            plain = model(torch.cat([prompt, torch.tensor([branch])], 1))[0, -1]
+            assert torch.allclose(tree[0, i], plain, atol=1e-4), p
+        cache.keep(5, [0, 2, 4])                                      # the branch root, (1,), (1, 0)
+        assert cache.pos == 8
+        nxt = model(torch.tensor([[23]]), cache=cache)[0, -1]
+        assert torch.allclose(nxt, model(torch.cat([prompt, torch.tensor([[7, 13, 19, 23]])], 1))[0, -1], atol=1e-4)
+    with pytest.raises(ValueError, match="increasing offsets"):
+        cache.keep(5, [2, 1])
+    with pytest.raises(ValueError, match="mask matrix must be boolean"):
+        model(torch.tensor([tokens]), mask[None, None].float(), cache=model.kv_cache(1, 16))
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_tree_speculative_equals_greedy(chain):
+    model = smollm2_like()
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 12)]
+    seqs = greedy_continuations(model, prompts * 3, 40, batch_size=3)
+    lens = [len(p) for p in prompts * 3]
+    MTPHeads(seqs, k=3, vocab=128, chain=chain, prompt_lens=lens, steps=10, lr=3e-3, progress=False,
+             batch_size=64).run(model)
+    model.eval()
+    tree = choose_tree(model, seqs, lens, 6)
+    assert len(tree) == 6 and tree == sorted(tree, key=lambda p: (len(p), p))
+    assert all(p[:-1] in tree for p in tree if len(p) > 1)                    # every node's parent is in the tree
+    chain_stats = tree_stats = SpeculationStats(proposed=[0] * 3, accepted=[0] * 3)
+    for p in prompts:
+        ids, greedy = torch.tensor([p]), generate(model, torch.tensor([p]), 40, stop_tokens=[])
+        for shape in (tree, [(0,), (1,), (2,), (3,)], [(0,), (0, 0), (0, 0, 0)]):
+            fast, stats = speculative_generate(model, ids, 40, tree=shape)
+            assert torch.equal(fast, greedy), (chain, shape, p)
+            assert stats.new_tokens == 40
+        tree_stats = tree_stats + speculative_generate(model, ids, 40, tree=[(0,), (1,), (2,), (3,)])[1]
+        chain_stats = chain_stats + speculative_generate(model, ids, 40, n_draft=1)[1]
+        assert speculative_generate(model, ids, 40, tree=[(0,), (0, 0)])[1] == speculative_generate(
+            model, ids, 40, n_draft=2)[1]                                       # a chain is the plain drafts
+        stop = int(greedy[0, len(p) + 9])
+        assert torch.equal(speculative_generate(model, ids, 40, tree=tree, stop_tokens=[stop])[0],
+                           generate(model, ids, 40, stop_tokens=[stop]))
+    assert tree_stats.acceptance[0] >= chain_stats.acceptance[0]             # four candidates beat one
+
+
+def test_tree_bad_input():
+    model = mtp_model(2, trained=False)
+    ids = torch.tensor([[1, 2, 3]])
+    for tree in ([(0, 0)], [(0,), (0,)], [(0,), (0, 0, 0)], [(-1,)], [()], []):
+        with pytest.raises(ValueError, match="tree must"):
+            speculative_generate(model, ids, 5, tree=tree)
+    with pytest.raises(ValueError, match="without n_draft"):
+        speculative_generate(model, ids, 5, tree=[(0,)], n_draft=1)
+    with pytest.raises(ValueError, match="extra heads"):
+        choose_tree(GPT(GPTConfig.tiny(V, n_layer=1)), [[1, 2, 3]], [1], 2)
+    with pytest.raises(ValueError, match="one prompt length per sequence"):
+        choose_tree(model, [[1, 2, 3]], [1, 2], 2)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs a PyTorch built with MKL")
+def test_prepack_linears_same_logits_every_width():
+    model = smollm2_like()
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = [model(ids[:, :w]) for w in range(1, 11)]
+        assert prepack_linears(model, rows=8) is model
+        packed = [model(ids[:, :w]) for w in range(1, 11)]
+    for w, (a, b) in enumerate(zip(plain, packed), start=1):
+        assert torch.allclose(a, b, atol=1e-4), w
+        assert torch.equal(a, b) == (w < 4 or w > 8), w                    # only 4-8 rows take the packed kernel
+    loss = model(ids[:, :5]).sum()                                           # with gradients: the plain kernel
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    prepack_linears(model, rows=0)
+    assert "forward" not in model.lm_head.__dict__ and not hasattr(model.lm_head, "packed_weight")
+    with pytest.raises(ValueError, match="float32 weights on the CPU"):
+        prepack_linears(smollm2_like().double())
