@@ -228,7 +228,7 @@ def speculative_generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, *, 
     stats.new_tokens = len(out) - T
     return torch.tensor([out], device=dev), stats
 
-
+# %% ../nbs/14_multitoken.ipynb #f13fdbc5
 @torch.no_grad()
 def choose_tree(model: GPT, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], size: int,
                 max_rank: int = 8) -> list[tuple[int, ...]]:
@@ -283,7 +283,7 @@ def _packed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def prepack_linears(model: nn.Module, rows: int = 8, min_rows: int = 4) -> nn.Module:
     """Give every linear layer of `model` a copy of its weights packed for the CPU's matrix-multiply library (MKL),
     used for passes over `min_rows` to `rows` positions: a verification pass over 4-8 positions then costs about
-    what one over 3 does, where the default kernel's time jumps at 4 rows (see the text). Inference on a CPU in
+    what one over 3 does, where the default kernel's time jumps at 4 rows. Inference on a CPU in
     float32 only; the copy is a snapshot (pack again after the weights change), it doubles the weights' memory, and
     `rows=0` removes it. Passes of other widths, and passes that need gradients, run as before."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
