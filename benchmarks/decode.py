@@ -266,6 +266,7 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
          trees={name: [list(p) for p in tree] for name, tree in trees.items()},
          tree_acceptance_per_depth={k: [round(a, 3) for a in st.acceptance] for k, st in tree_stats.items()},
          tree_tokens_per_forward={k: round(st.tokens_per_forward, 2) for k, st in tree_stats.items()},
+         tree_tok_s={k: round(m / t[f"tree {k}"], 1) for k in tree_stats},
          tree_ratio={k: round(t["greedy"] / t[f"tree {k}"], 2) for k in tree_stats}, **about)
 
 
