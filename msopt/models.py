@@ -205,12 +205,14 @@ class KVCache:
     def keep(self, start: int, offsets: Sequence[int]) -> None:
         """Of the positions from `start` on, keep those at `offsets` (increasing), moved to start, start + 1, ...,
         and forget the rest: the accepted branch of a tree of drafts, whose positions are not contiguous."""
-        rows = torch.tensor(list(offsets), device=self.k.device) + start
-        if len(rows) == 0 or not 0 <= start <= int(rows[0]) or int(rows[-1]) >= self.pos or (rows.diff() <= 0).any():
+        offsets = list(offsets)
+        if (not offsets or not 0 <= start or offsets[0] < 0 or start + offsets[-1] >= self.pos
+                or any(b <= a for a, b in zip(offsets, offsets[1:]))):
             raise ValueError(f"keep needs increasing offsets in [0, {self.pos - start}) after start={start}, "
-                             f"got {list(offsets)}")
-        end = start + len(rows)
-        if int(rows[-1]) != end - 1:                                          # a straight prefix stays where it is
+                             f"got {offsets}")
+        end = start + len(offsets)
+        if offsets[-1] != len(offsets) - 1:                                   # a straight prefix stays where it is
+            rows = torch.tensor(offsets, device=self.k.device) + start
             self.k[:, :, :, start:end], self.v[:, :, :, start:end] = self.k[:, :, :, rows], self.v[:, :, :, rows]
         self.pos = end
 

@@ -142,8 +142,8 @@ def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_dra
         if draft is not None or n_draft is not None or model.config.n_mtp < 1:
             raise ValueError("a tree of drafts comes from the model's extra heads: give tree= without n_draft= or "
                              "draft=, to a model with heads")
-        k = max(len(p) for p in check_tree(tree, model.config.n_mtp)) if len(tree) else 0
-        if k == 0:
+        paths = check_tree(tree, model.config.n_mtp)
+        if not paths:
             raise ValueError("tree must hold at least one path, e.g. [(0,)]")
     elif draft is not None:
         if not isinstance(draft, DraftLayer) or draft.config.n_embd != model.config.n_embd:
@@ -167,7 +167,7 @@ def _check_speculation(model: GPT, ids: torch.Tensor, max_new_tokens: int, n_dra
     if ids.size(1) + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt of {ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
                          f"length {model.config.block_size}: shorten the prompt or generate fewer tokens")
-    return check_tree(tree, k) if tree is not None else [(0,) * d for d in range(1, k + 1)]
+    return paths if tree is not None else [(0,) * d for d in range(1, k + 1)]
 
 
 @torch.inference_mode()
@@ -296,9 +296,10 @@ def prepack_linears(model: nn.Module, rows: int = 8, min_rows: int = 4) -> nn.Mo
         raise RuntimeError("prepack_linears needs a PyTorch built with MKL (x86 CPU builds are)")
     if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         raise ValueError("prepack_linears packs float32 weights on the CPU: move the model with .cpu().float()")
+    span = (check_int(min_rows, "min_rows"), rows)
     for m in linears:
         m.packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows)
-        m.packed_rows = (check_int(min_rows, "min_rows"), rows)
+        m.packed_rows = span
         m.forward = types.MethodType(_packed_linear, m)
     return model
 
