@@ -13,14 +13,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .core import check_choice, check_int
+from .core import check_int
 from .data import Document, as_tokenizer, load_corpus
 
 TEMPLATES = ("plain", "chat")
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'PLAIN_TEMPLATE', 'encode_texts', 'LabelledTexts', 'TaskData', 'split_works', 'genre_task',
-           'format_prompt', 'encode_sft', 'speeches', 'instruction_task']
+           'check_template', 'format_prompt', 'encode_sft', 'speeches', 'instruction_task']
 
 # %% ../nbs/08_finetuning.ipynb #8283f17a
 def encode_texts(tokenizer, texts: Sequence[str], seq_len: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +174,20 @@ def _fit_lines(tokenizer, text: str, seq_len: int) -> str:
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
+def check_template(template: str) -> str:
+    "`template` if it is 'plain', 'chat' or a format string with one `{prompt}` field; else a one-line ValueError."
+    if template not in TEMPLATES and (not isinstance(template, str) or template.count("{prompt}") != 1):
+        raise ValueError(f"unknown template {template!r}: use 'plain', 'chat' or a format string with one {{prompt}} "
+                         "field, e.g. 'English: {prompt}\\nSpanish:\\n'")
+    return template
+
+
 def format_prompt(tokenizer, prompt: str, template: str = "plain") -> str:
     """The text a model reads before its answer to `prompt`: 'plain' is `PLAIN_TEMPLATE`; 'chat' is the tokenizer's
-    own chat template (a Hugging Face tokenizer's `apply_chat_template`, e.g. SmolLM2's), the assistant turn opened."""
-    check_choice(template, "template", TEMPLATES)
-    if template == "plain":
-        return PLAIN_TEMPLATE.format(prompt=prompt)
+    own chat template (a Hugging Face tokenizer's `apply_chat_template`, e.g. SmolLM2's), the assistant turn opened;
+    any other template is a format string whose `{prompt}` field the prompt fills."""
+    if check_template(template) != "chat":
+        return (PLAIN_TEMPLATE if template == "plain" else template).replace("{prompt}", prompt)
     tokenizer = as_tokenizer(tokenizer).raw
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='chat' needs a Hugging Face tokenizer with a chat template: use template='plain'")
@@ -190,7 +198,7 @@ def format_prompt(tokenizer, prompt: str, template: str = "plain") -> str:
 def _answer_ids(tokenizer, prompt: str, response: str, template: str) -> list[int]:
     "Token ids of the answer: the response and the end token of the template (EOS, or the chat end-of-turn)."
     tok = as_tokenizer(tokenizer)
-    if template == "plain":
+    if template != "chat":
         if tok.eos_id is None:
             raise ValueError("the tokenizer has no end-of-text token (<|endoftext|> or eos_token): add one, the "
                              "answer must end with it")

@@ -319,6 +319,21 @@ def test_encode_sft_masks_prompt(tok):
         format_prompt(tok, "q", "chat")
 
 
+def test_encode_sft_custom_template(tok):
+    template = "English: {prompt}\nSpanish:\n"
+    assert format_prompt(tok, "In the beginning", template) == "English: In the beginning\nSpanish:\n"
+    x, y = encode_sft(tok, [("In the beginning", "En el principio")], seq_len=64, template=template)
+    n_prompt = len(tok.encode("English: In the beginning\nSpanish:\n").ids)
+    assert tok.decode(x[0, :n_prompt].tolist()) == "English: In the beginning\nSpanish:\n"
+    eos = tok.token_to_id("<|endoftext|>")
+    assert [t for t in y[0].tolist() if t != -100] == tok.encode("En el principio").ids + [eos]
+    for bad in ("English: {prompt} and {prompt}", "no field", 3):
+        with pytest.raises(ValueError, match="unknown template"):
+            format_prompt(tok, "q", bad)
+    with pytest.raises(ValueError, match="unknown template"):
+        FineTune("sft", train=[("q", "a")], tokenizer=tok, template="Q: {question}")
+
+
 def test_encode_sft_chat_template(tok):
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")

@@ -15,7 +15,7 @@ from ..data import TensorBatches
 from ..heads import POOLS, SequenceClassifier, predict_labels
 from ..metrics import accuracy, confusion_matrix, f1_score
 from ..objectives import classify_batch_loss, sft_batch_loss
-from ..tasks import TEMPLATES, encode_sft, encode_texts
+from ..tasks import check_template, encode_sft, encode_texts
 from .base import Stage, check_fits, frozen
 
 TASKS = ("classify", "sft")
@@ -159,15 +159,16 @@ class FineTuneClassifier(Stage):
 
 class InstructionTune(Stage):
     """Stage 3, instruction tuning: `train` / `val` are (prompt, response) pairs, formatted with `template`
-    ('plain' or the tokenizer's 'chat' template); the loss is on the response tokens only. `measure` gives the exact
-    match of the greedy answers on `val` before and after. Other arguments: those of `Stage`."""
+    ('plain', the tokenizer's 'chat' template, or a string with a `{prompt}` field); the loss is on the response
+    tokens only. `measure` gives the exact match of the greedy answers on `val` before and after. Other arguments:
+    those of `Stage`."""
     kind = "finetune-sft"
 
     def __init__(self, train=None, val=None, tokenizer=None, template: str = "plain", **kwargs: Any):
         super().__init__(**kwargs)
         if train is None or len(train) == 0:
             raise ValueError("FineTune('sft') needs train= (prompt, response) pairs (e.g. instruction_task().train)")
-        check_choice(template, "template", TEMPLATES)
+        check_template(template)
         if tokenizer is None:
             raise ValueError("FineTune('sft') needs tokenizer= to encode the (prompt, response) pairs")
         self.train, self.val, self.tokenizer, self.template = train, val, tokenizer, template
