@@ -427,22 +427,26 @@ def continuation_logprobs(model: GPT, tokenizer, prompts: Sequence[str], texts: 
                           batch_size: int = 16) -> list[tuple[float, int]]:
     """(log-probability, number of tokens) of each text given its prompt under `model`: the prompt and the text are
     encoded apart and joined, and only the text's tokens are scored (a text is cut to fit the context, its prompt to
-    half of it)."""
+    half of it). Rows are batched longest first, so that little is padded, and the output layer runs only where a
+    text token is predicted; the scores come back in the order given."""
     if len(prompts) != len(texts):
         raise ValueError(f"got {len(prompts)} prompts but {len(texts)} texts: give one prompt per text")
     ctx, device = model.config.block_size, model.lm_head.weight.device
     rows = [(_encode(tokenizer, p)[-(ctx // 2):] or [0], _encode(tokenizer, t)) for p, t in zip(prompts, texts)]
     rows = [(p, t[: ctx - len(p)]) for p, t in rows]
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+    out = [(0.0, 0)] * len(rows)
+    for i in range(0, len(order), batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
         T = max(len(p) + len(t) for p, t in chunk)
         ids = torch.tensor([p + t + [0] * (T - len(p) - len(t)) for p, t in chunk], device=device)  # right-padded
-        target = torch.full_like(ids, -100)
-        for b, (p, t) in enumerate(chunk):
-            target[b, len(p) - 1: len(p) + len(t) - 1] = ids[b, len(p): len(p) + len(t)]  # the text's tokens only
-        logp = -F.cross_entropy(model(ids).transpose(1, 2).float(), target, reduction="none")  # (b, T)
-        out += [(float(row.sum()), len(t)) for row, (_, t) in zip(logp, chunk)]
+        row = torch.tensor([b for b, (_, t) in enumerate(chunk) for _ in t], device=device, dtype=torch.long)
+        at = torch.tensor([len(p) - 1 + k for p, t in chunk for k in range(len(t))], device=device, dtype=torch.long)
+        h = model.features(ids)[row, at]                                   # (n, C): the states before text tokens
+        logp = -F.cross_entropy(model.lm_head(h).float(), ids[row, at + 1], reduction="none")      # (n,)
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, row, logp)
+        for j, s, (_, t) in zip(order[i:i + batch_size], sums.tolist(), chunk):
+            out[j] = (s, len(t))
     return out
 
 

@@ -290,6 +290,15 @@ def test_continuation_logprobs(char_tok):
     assert scores[1][0] == pytest.approx(logp[-5:].sum().item(), abs=1e-4)       # only the text's tokens count
     batched = continuation_logprobs(model, char_tok, ["ab", "hello "], ["cd", "world"])     # right-padded together
     assert [s for s, _ in batched] == pytest.approx([s for s, _ in scores], abs=1e-4)
+    prompts, texts = ["a", "hello there, ", "xy", "abc"], ["b", "big wide world", "z", ""]     # batched by length
+    one = continuation_logprobs(model, char_tok, prompts, texts, batch_size=1)
+    assert [n for _, n in one] == [1, 14, 1, 0] and one[3][0] == 0.0
+    two = continuation_logprobs(model, char_tok, prompts, texts, batch_size=2)       # the order given comes back
+    assert [n for _, n in two] == [1, 14, 1, 0]
+    assert [s for s, _ in two] == pytest.approx([s for s, _ in one], abs=1e-4)
+    with torch.no_grad():
+        full = model(torch.tensor([char_tok.encode("xyz").ids]))[0].log_softmax(-1)
+    assert one[2][0] == pytest.approx(full[1, char_tok.encode("z").ids[0]].item(), abs=1e-4)
     ppl = continuation_perplexity(model, char_tok, ["ab", "hello "], ["cd", "world"])
     assert ppl == pytest.approx(math.exp(-(scores[0][0] + scores[1][0]) / 7))
     with pytest.raises(ValueError, match="one prompt per text"):
