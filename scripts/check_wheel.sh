@@ -10,7 +10,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 $PY -m build --wheel --outdir "$work/dist" . > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 wheel=$(ls "$work"/dist/msopt_lm-*.whl)
-$PY -m zipfile -l "$wheel" | grep -q "msopt/assets/shakespeare.json.xz" || { echo "the wheel lacks the corpus"; exit 1; }
+# ask zipfile itself: `zipfile -l | grep -q` fails under pipefail when grep exits before the listing is written
+$PY -c 'import sys, zipfile; sys.exit("msopt/assets/shakespeare.json.xz" not in zipfile.ZipFile(sys.argv[1]).namelist())' \
+    "$wheel" || { echo "the wheel lacks the corpus"; exit 1; }
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
 "$work/venv/bin/python" -m pip install -q -c constraints.txt "$wheel"
