@@ -80,7 +80,8 @@ def word_starts(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 # %% auto #0
 __all__ = ['mask_tokens', 'mlm_loss', 'word_start_table', 'word_starts', 'clm_batch_loss', 'MLMBatchLoss',
-           'MTPBatchLoss', 'weighted_clm_batch_loss', 'PriorityMLMBatchLoss', 'classify_batch_loss', 'sft_batch_loss']
+           'MTPBatchLoss', 'weighted_clm_batch_loss', 'PriorityMLMBatchLoss', 'classify_batch_loss', 'trim_to_answers',
+           'sft_batch_loss']
 
 # %% ../nbs/06_pretraining.ipynb #3ad9e1ea
 def clm_batch_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -146,7 +147,16 @@ def classify_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(ids, mask), labels)
 
 
+def trim_to_answers(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x, y)` (B, T) of instruction tuning without the columns after the batch's last answer token (y != -100).
+    Rows are padded on the right and attention is causal, so those columns change no scored position: a batch of
+    short rows then costs what its longest row does, not what the longest row of the whole data set does."""
+    scored = (y != -100).any(0).nonzero()
+    width = int(scored[-1]) + 1 if len(scored) else y.size(1)
+    return x[:, :width], y[:, :width]
+
+
 def sft_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Next-token cross-entropy of a batch `(x, y)` over the answer tokens only (y = -100 elsewhere)."
-    x, y = to_model_device(model, batch)
+    x, y = trim_to_answers(*to_model_device(model, batch))
     return clm_loss(lm_logits(model(x)), y)

@@ -360,6 +360,25 @@ def test_finetune_sft_memorizes_and_exact_match_agrees_with_greedy(tmp_path, tok
     assert answer_exact_match(tiny_gpt(tok.get_vocab_size(), block=128), x, y) == 0.0
 
 
+def test_sft_loss_drops_the_padding_after_the_last_answer(tok):
+    "The loss reads only up to the batch's last answer token, and equals the loss over the fully padded rows."
+    from msopt.objectives import clm_loss, lm_logits, sft_batch_loss
+    long = ("Which play has the longest speech?", "Hamlet, by far")
+    x, y = encode_sft(tok, [("Who?", "Lear"), ("Which play?", "Macbeth"), long], seq_len=64)
+    model = tiny_gpt(tok.get_vocab_size(), block=64).eval()
+    widths = []
+    model.register_forward_hook(lambda m, args, out: widths.append(args[0].size(1)))
+    short = (x[:2], y[:2])
+    last = int((y[:2] != -100).any(0).nonzero()[-1]) + 1
+    with torch.no_grad():
+        trimmed, full = sft_batch_loss(model, short), clm_loss(lm_logits(model(x[:2])), y[:2])
+    assert widths[0] == last < x.size(1)                                 # the short rows' batch is cut to its answers
+    torch.testing.assert_close(trimmed, full)
+    with torch.no_grad():
+        sft_batch_loss(model, (x, y))
+    assert widths[-1] == x.size(1)                                        # the longest row keeps every column
+
+
 def test_finetune_sft_needs_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="needs tokenizer="):
         FineTune("sft", train=[("q", "a")])

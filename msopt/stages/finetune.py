@@ -14,7 +14,7 @@ from ..core import check_choice, eval_mode, lm_logits
 from ..data import TensorBatches
 from ..heads import POOLS, SequenceClassifier, predict_labels
 from ..metrics import accuracy, confusion_matrix, f1_score
-from ..objectives import classify_batch_loss, sft_batch_loss
+from ..objectives import classify_batch_loss, sft_batch_loss, trim_to_answers
 from ..tasks import check_template, encode_sft, encode_texts
 from .base import Stage, check_fits, frozen
 
@@ -29,6 +29,7 @@ def answer_exact_match(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
     device, hits = next(model.parameters()).device, []
     with eval_mode(model):
         for xb, yb in TensorBatches(x, y, batch_size=batch_size):
+            xb, yb = trim_to_answers(xb, yb)
             pred = lm_logits(model(xb.to(device))).argmax(-1).cpu()                  # (B, T)
             hits.append(((pred == yb) | (yb == -100)).all(1))                        # (B,)
     return float(torch.cat(hits).float().mean())
