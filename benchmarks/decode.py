@@ -21,8 +21,9 @@ copy (main memory) and of a copy the size of the weights (it may fit in the CPU 
 
 The speculative heads (chained, with a draft vocabulary) are trained once with `msopt.stages.mtp_heads.MTPHeads` on
 SmolLM2's own greedy answers to `msopt.multitoken.chat_requests` (the first 32 requests are held out: 16 to test, 16
-to validate), learning the trunk's top-`--distill` probabilities (self-distillation), and saved to `--heads` (by
-default a file named after the recipe); later runs load them (delete the file to train again). An EAGLE draft layer
+to validate; `--more-requests` adds answers to requests of other templates), learning the trunk's top-`--distill`
+probabilities (self-distillation), and saved to `--heads` (by default a file named after the recipe); later runs
+load them (delete the file to train again). An EAGLE draft layer
 (`msopt.stages.draft_layer.EagleDraft`, `--layer-steps`; 0 leaves it out) is trained once on the same answers and
 saved beside them; the answers themselves are saved under `runs/bench/` too, so that no later run generates them.
 Trees of drafts from the same heads (`--trees`: their sizes; `msopt.multitoken.choose_tree` picks each on the 16
@@ -45,6 +46,7 @@ from safetensors.torch import load_model, save_model
 from msopt.generate import default_stop_tokens, generate
 from msopt.models import GPT, GPTConfig, from_hf, load_smollm2_hf, to_hf
 from msopt.multitoken import (
+    MORE_REQUESTS,
     DraftLayer,
     add_mtp_heads,
     chat_requests,
@@ -157,14 +159,16 @@ def chat_ids(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def distill_answers(model: GPT, tok, path: str, prompts: int, new: int) -> dict:
-    """SmolLM2's greedy answers to `chat_requests()[32:32 + prompts]` (train) and `[16:32]` (val), with their prompt
-    lengths: loaded from `path` (JSON) when it holds them, else generated and saved there."""
+def distill_answers(model: GPT, tok, path: str, prompts: int, new: int, more: int = 0) -> dict:
+    """SmolLM2's greedy answers to `chat_requests()[32:32 + prompts]` and the first `more` requests of other
+    templates (`MORE_REQUESTS`) for training, and to `chat_requests()[16:32]` (val), with their prompt lengths:
+    loaded from `path` (JSON) when it holds them, else generated and saved there."""
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     requests, stops = chat_requests(), default_stop_tokens(tok)
-    train, val = requests[32:32 + prompts], requests[16:32]
+    train = requests[32:32 + prompts] + chat_requests(templates=MORE_REQUESTS)[:more]
+    val = requests[16:32]
     start = time.perf_counter()
     data = greedy_continuations(model, [chat_ids(tok, r) for r in train + val], new, batch_size=64, stop_tokens=stops)
     lens = [len(chat_ids(tok, r)) for r in train + val]
@@ -225,24 +229,16 @@ def speculative_vs_greedy(model: GPT, tok, n: int, reps: int, n_test: int, n_tim
     load, k = os.getloadavg()[0], model.config.n_mtp
     prompts = [torch.tensor([chat_ids(tok, r)]) for r in chat_requests()[:n_test]]
     with torch.no_grad():
-        stats = {}
-        for j in range(1, k + 1):
-            for p in prompts:
-                out, st = speculative_generate(model, p, n, n_draft=j)
-                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
-                stats[j] = st if j not in stats else stats[j] + st
-        layer_stats = {}
-        for j in (1, 2) if layer is not None else ():
-            for p in prompts:
-                out, st = speculative_generate(model, p, n, n_draft=j, draft=layer)
-                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
-                layer_stats[j] = st if j not in layer_stats else layer_stats[j] + st
-        tree_stats = {}
-        for name, tree in trees.items():
-            for p in prompts:
-                out, st = speculative_generate(model, p, n, tree=tree)
-                assert torch.equal(out, generate(model, p, n, stop_tokens=[])), "speculative output differs from greedy"
-                tree_stats[name] = st if name not in tree_stats else tree_stats[name] + st
+        greedy = [generate(model, p, n, stop_tokens=[]) for p in prompts]             # what every drafting must write
+        stats, layer_stats, tree_stats = {}, {}, {}
+        runs = [(stats, j, dict(n_draft=j)) for j in range(1, k + 1)]
+        runs += [(layer_stats, j, dict(n_draft=j, draft=layer)) for j in ((1, 2) if layer is not None else ())]
+        runs += [(tree_stats, name, dict(tree=tree)) for name, tree in trees.items()]
+        for into, key, kwargs in runs:
+            for p, ref in zip(prompts, greedy):
+                out, st = speculative_generate(model, p, n, **kwargs)
+                assert torch.equal(out, ref), "speculative output differs from greedy"
+                into[key] = st if key not in into else into[key] + st
         fns = {"greedy": lambda: [generate(model, p, n, stop_tokens=[]) for p in prompts[:n_timed]]}
         fns.update({f"tree {name}": (lambda tree=tree: [speculative_generate(model, p, n, tree=tree)
                                                         for p in prompts[:n_timed]]) for name, tree in trees.items()})
@@ -324,6 +320,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096, help="the heads' draft vocabulary")
     ap.add_argument("--distill-prompts", type=int, default=768, help="requests whose greedy answers train the heads")
     ap.add_argument("--distill-tokens", type=int, default=128, help="new tokens of each of those answers")
+    ap.add_argument("--more-requests", type=int, default=0, help="also train the heads on the greedy answers to this "
+                    "many requests of other templates (msopt.multitoken.MORE_REQUESTS, up to 800)")
     ap.add_argument("--head-steps", type=int, default=800, help="training steps of the heads")
     ap.add_argument("--distill", type=int, default=8, help="the trunk's top tokens the heads learn (0: the token only)")
     ap.add_argument("--layer-steps", type=int, default=300, help="training steps of the EAGLE draft layer (0: none)")
@@ -359,15 +357,16 @@ def main():
     if "speculative" not in skip:
         torch.set_num_threads(max(threads))
         spec_model = from_hf(smol[1]).eval()                                         # a copy that gets the heads
-        path = args.heads or (f"runs/bench/smollm2_heads_k{args.k}_v{args.vocab}_d{args.distill}_"
-                              f"{args.distill_prompts}x{args.distill_tokens}_s{args.head_steps}.safetensors")
-        answers = distill_answers(spec_model, smol[2], f"runs/bench/smollm2_answers_{args.distill_prompts}x"
-                                  f"{args.distill_tokens}.json", args.distill_prompts, args.distill_tokens)
+        data = f"{args.distill_prompts}x{args.distill_tokens}"                          # names the answers' files
+        data += f"_m{args.more_requests}" if args.more_requests else ""
+        path = args.heads or (f"runs/bench/smollm2_heads_k{args.k}_v{args.vocab}_d{args.distill}_{data}"
+                              f"_s{args.head_steps}.safetensors")
+        answers = distill_answers(spec_model, smol[2], f"runs/bench/smollm2_answers_{data}.json",
+                                  args.distill_prompts, args.distill_tokens, args.more_requests)
         heads = speculative_heads(spec_model, path, args.k, args.vocab, answers, args.head_steps, args.distill)
         if args.layer_steps:
-            layer, about = speculative_layer(spec_model, f"runs/bench/smollm2_layer_v{args.vocab}_u2_"
-                                             f"{args.distill_prompts}x{args.distill_tokens}_s{args.layer_steps}"
-                                             ".safetensors", args.vocab, answers, args.layer_steps)
+            layer, about = speculative_layer(spec_model, f"runs/bench/smollm2_layer_v{args.vocab}_u2_{data}"
+                                             f"_s{args.layer_steps}.safetensors", args.vocab, answers, args.layer_steps)
             heads.update(about)
         sizes = [int(m) for m in args.trees.split(",") if m]
         trees = {f"{m} nodes": choose_tree(spec_model, answers["val"], answers["val_lens"], m) for m in sizes}

@@ -68,7 +68,7 @@ def add_mtp_heads(model: GPT, k: int, vocab: int = 0, chain: bool = False, seed:
     return model
 
 # %% auto #0
-__all__ = ['TOPICS', 'REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'HeadDrafts', 'check_tree',
+__all__ = ['TOPICS', 'REQUESTS', 'MORE_REQUESTS', 'SpeculationStats', 'add_mtp_heads', 'HeadDrafts', 'check_tree',
            'speculative_generate', 'choose_tree', 'prepack_linears', 'greedy_continuations', 'chat_requests',
            'DraftLayer', 'LayerDrafts']
 
@@ -334,10 +334,20 @@ REQUESTS = ("Write a short poem about {}.", "Describe {} in three sentences.", "
             "Write a short advertisement for {}.", "What are the pros and cons of {}?")
 
 
-def chat_requests(seed: int = 0) -> list[str]:
-    """Every request of `REQUESTS` about every topic of `TOPICS` (800 short instructions), shuffled with `seed`:
-    prompts for an instruction-tuned model to answer, e.g. to distill its greedy answers into draft heads."""
-    out = [r.format(t) for t in TOPICS for r in REQUESTS]
+MORE_REQUESTS = ("Write a haiku about {}.", "Give two tips for someone who loves {}.",
+                 "Write a riddle whose answer is {}.", "Describe {} to someone who has never seen it.",
+                 "Write the opening sentence of a novel about {}.", "Why might someone be afraid of {}?",
+                 "Compare {} with something from everyday life.", "Write a short diary entry about {}.",
+                 "Give a fun fact about {} for children.", "Summarize in one paragraph what you know about {}.")
+
+
+def chat_requests(seed: int = 0, templates: Sequence[str] = REQUESTS) -> list[str]:
+    """Every request of `templates` (default `REQUESTS`; `MORE_REQUESTS` gives 800 others) about every topic of `TOPICS`
+    (800 short instructions), shuffled with `seed`: prompts for an instruction-tuned model to answer, e.g. to distill
+    its greedy answers into draft heads."""
+    if not templates or any(not isinstance(r, str) or r.count("{}") != 1 for r in templates):
+        raise ValueError("templates must be strings with one {} field for the topic, e.g. 'Write a haiku about {}.'")
+    out = [r.format(t) for t in TOPICS for r in templates]
     random.Random(seed).shuffle(out)
     return out
 

@@ -6,9 +6,13 @@ from msopt.generate import generate
 from msopt.losses import clm_loss, mtp_loss
 from msopt.models import GPT, GPTConfig, KVCache, to_hf
 from msopt.multitoken import (
+    MORE_REQUESTS,
+    REQUESTS,
+    TOPICS,
     DraftLayer,
     SpeculationStats,
     add_mtp_heads,
+    chat_requests,
     choose_tree,
     greedy_continuations,
     prepack_linears,
@@ -354,3 +358,14 @@ def test_prepack_linears_same_logits_every_width():
     assert "forward" not in model.lm_head.__dict__ and not hasattr(model.lm_head, "packed_weight")
     with pytest.raises(ValueError, match="float32 weights on the CPU"):
         prepack_linears(smollm2_like().double())
+
+
+def test_chat_requests_other_templates_are_new_requests():
+    "The default requests keep their order (held-out ones first); MORE_REQUESTS gives as many others, none shared."
+    base, more = chat_requests(), chat_requests(templates=MORE_REQUESTS)
+    assert len(base) == len(REQUESTS) * len(TOPICS) == len(set(base))
+    assert len(more) == len(MORE_REQUESTS) * len(TOPICS) == len(set(more))
+    assert not set(base) & set(more)
+    assert base == chat_requests(seed=0) and base != chat_requests(seed=1)
+    with pytest.raises(ValueError, match="one {} field"):
+        chat_requests(templates=("Write about the sea.",))
