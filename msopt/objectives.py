@@ -158,5 +158,5 @@ def trim_to_answers(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def sft_batch_loss(model: nn.Module, batch) -> torch.Tensor:
     "Next-token cross-entropy of a batch `(x, y)` over the answer tokens only (y = -100 elsewhere)."
-    x, y = trim_to_answers(*to_model_device(model, batch))
+    x, y = to_model_device(model, trim_to_answers(*batch))        # trimmed where the batch is, before any copy
     return clm_loss(lm_logits(model(x)), y)
