@@ -6,9 +6,11 @@ The committed outputs of the book are made this way; the tests execute every not
 profile without writing anything back.
 """
 import argparse
+import copy
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -50,8 +52,27 @@ def execute(path, profile="tiny", timeout=900, write=False):
         else:
             os.environ["MSOPT_PROFILE"] = old
     if write:
-        nbformat.write(collapse_streams(nb), path)
+        nbformat.write(drop_timing(collapse_streams(copy.deepcopy(nb))), path)
     return nb, seconds
+
+
+def drop_timing(nb):
+    "Remove the per-cell timestamps nbclient records (`metadata.execution`): noise in a committed notebook."
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+    return nb
+
+
+def cell_seconds(nb):
+    "[(seconds, cell id, first line)] of the executed code cells, from the timing nbclient records, slowest first."
+    out = []
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        t = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in t and "shell.execute_reply" in t:
+            start, end = (datetime.fromisoformat(t[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            out.append(((end - start).total_seconds(), cell.get("id", "?"), cell.source.split("\n")[0][:60]))
+    return sorted(out, reverse=True)
 
 
 if __name__ == "__main__":
@@ -60,7 +81,10 @@ if __name__ == "__main__":
     ap.add_argument("--profile", default="tiny", choices=["tiny", "small", "full"])
     ap.add_argument("--write", action="store_true", help="write the outputs back into the notebook")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    ap.add_argument("--slowest", type=int, default=0, metavar="N", help="also print the N slowest cells")
     args = ap.parse_args()
     for nb_path in args.notebooks:
-        _, secs = execute(nb_path, args.profile, args.timeout, args.write)
+        nb, secs = execute(nb_path, args.profile, args.timeout, args.write)
         print(f"{nb_path}: {secs:.1f} s in profile {args.profile}", file=sys.stderr)
+        for cell_secs, cell_id, first in cell_seconds(nb)[:args.slowest]:
+            print(f"  {cell_secs:7.1f} s  cell {cell_id}  {first}", file=sys.stderr)

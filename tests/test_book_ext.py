@@ -54,6 +54,26 @@ def test_collapse_streams_keeps_the_final_state_of_a_progress_bar():
     assert "outputs" not in nb.cells[0]
 
 
+def test_cell_seconds_reads_nbclient_timing_and_drop_timing_removes_it():
+    import nbformat
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from execute_nb import cell_seconds, drop_timing
+    nb = nbformat.v4.new_notebook()
+    fast, slow, untimed = (nbformat.v4.new_code_cell(src) for src in ("x = 1", "train()\nmore()", "y = 2"))
+    for c, (start, end) in ((fast, ("10:00:00.000", "10:00:00.500")), (slow, ("10:00:01.000", "10:01:31.250"))):
+        c.metadata["execution"] = {"iopub.execute_input": f"2026-12-02T{start}Z", "iopub.status.busy": "x",
+                                   "shell.execute_reply": f"2026-12-02T{end}Z"}
+    nb.cells = [fast, nbformat.v4.new_markdown_cell("text"), slow, untimed]
+    assert [(round(s, 3), src) for s, _, src in cell_seconds(nb)] == [(90.25, "train()"), (0.5, "x = 1")]
+    assert all("execution" not in c.metadata for c in drop_timing(nb).cells)
+    assert cell_seconds(nb) == []
+
+
+def test_no_chapter_is_committed_with_execution_timestamps():
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        assert "iopub.execute_input" not in path.read_text(), f"{path.name}: strip with execute_nb.drop_timing"
+
+
 def test_every_chapter_opens_with_a_colab_badge_and_a_colab_only_install_cell():
     for path in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
